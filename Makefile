@@ -1,0 +1,41 @@
+# maskray's set-up, demo and tests. Every target sets up what it needs first and
+# reuses the environment on a second run (the build is redone only when csrc/,
+# setup.py or pyproject.toml changed).
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.maskray-installed
+BUILD_INPUTS := pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu)
+
+.PHONY: setup demo test bench cuda-check clean
+
+setup: $(STAMP)
+
+# torch and torchvision are pinned to the builds this project is tested with;
+# the extension is then compiled against that torch (no build isolation, which
+# would compile against a different, freshly downloaded torch).
+$(STAMP): $(BUILD_INPUTS)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check "setuptools>=77" wheel ninja
+	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test]"
+	touch $@
+
+# The main job. Until the segmentation pipeline lands it checks the compiled
+# ops against torchvision and prints the result.
+demo: setup
+	$(BIN)/maskray selfcheck
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python bench/roi_ops.py
+
+# Compile-only check of the CUDA kernels (needs nvcc, not a GPU).
+cuda-check: setup
+	PYTHON=$(BIN)/python .ci/compile-cuda
+
+clean:
+	rm -rf build *.egg-info model/_C*.so $(STAMP)

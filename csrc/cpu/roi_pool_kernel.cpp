@@ -1,0 +1,326 @@
+// RoIPool on the CPU: forward and backward, parallel with at::parallel_for,
+// with the same work split as RoIAlign (see roi_align_kernel.cpp): (roi,
+// channel block) items for NCHW, (roi, output row) items with a vectorisable
+// channel loop for channels_last, and a backward parallel over channels only
+// so that it needs no atomics and is deterministic.
+
+#include "../checks.h"
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+
+namespace maskray {
+namespace ops {
+namespace {
+
+constexpr int64_t kBlock = 8;
+constexpr int64_t kBlockLast = 32;
+
+// The feature cells [h0, h1) x [w0, w1) that one output bin max-pools over.
+struct Bin {
+  int64_t h0, h1, w0, w1;
+  bool empty() const {
+    return h1 <= h0 || w1 <= w0;
+  }
+};
+
+// Quantises roi k to whole feature cells, as Fast R-CNN does, and holds its
+// bin size; bin(ph, pw) then gives the cells of one bin, clipped to the map.
+template <typename scalar_t>
+struct QuantisedRoi {
+  using acc_t = at::opmath_type<scalar_t>;
+  int64_t batch_index, start_h, start_w, height, width;
+  acc_t bin_h, bin_w;
+
+  QuantisedRoi(
+      const scalar_t* roi,
+      double spatial_scale,
+      int64_t pooled_height,
+      int64_t pooled_width,
+      int64_t height,
+      int64_t width)
+      : height(height), width(width) {
+    const acc_t scale = static_cast<acc_t>(spatial_scale);
+    batch_index = static_cast<int64_t>(static_cast<acc_t>(roi[0]));
+    start_w = static_cast<int64_t>(std::round(static_cast<acc_t>(roi[1]) * scale));
+    start_h = static_cast<int64_t>(std::round(static_cast<acc_t>(roi[2]) * scale));
+    const int64_t end_w =
+        static_cast<int64_t>(std::round(static_cast<acc_t>(roi[3]) * scale));
+    const int64_t end_h =
+        static_cast<int64_t>(std::round(static_cast<acc_t>(roi[4]) * scale));
+    // Malformed rois are forced to one cell.
+    const int64_t roi_w = std::max<int64_t>(end_w - start_w + 1, 1);
+    const int64_t roi_h = std::max<int64_t>(end_h - start_h + 1, 1);
+    bin_h = static_cast<acc_t>(roi_h) / static_cast<acc_t>(pooled_height);
+    bin_w = static_cast<acc_t>(roi_w) / static_cast<acc_t>(pooled_width);
+  }
+
+  Bin bin(int64_t ph, int64_t pw) const {
+    auto clip = [](int64_t v, int64_t hi) {
+      return std::min(std::max<int64_t>(v, 0), hi);
+    };
+    const auto h0 = static_cast<int64_t>(std::floor(static_cast<acc_t>(ph) * bin_h));
+    const auto w0 = static_cast<int64_t>(std::floor(static_cast<acc_t>(pw) * bin_w));
+    const auto h1 = static_cast<int64_t>(std::ceil(static_cast<acc_t>(ph + 1) * bin_h));
+    const auto w1 = static_cast<int64_t>(std::ceil(static_cast<acc_t>(pw + 1) * bin_w));
+    return {
+        clip(h0 + start_h, height), clip(h1 + start_h, height),
+        clip(w0 + start_w, width), clip(w1 + start_w, width)};
+  }
+};
+
+template <typename scalar_t>
+void forward_nchw(
+    const scalar_t* input,
+    const scalar_t* rois,
+    int64_t num_rois,
+    int64_t channels,
+    int64_t height,
+    int64_t width,
+    double spatial_scale,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    scalar_t* output,
+    int* argmax) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t blocks = (channels + kBlock - 1) / kBlock;
+  const int64_t plane = height * width;
+  const int64_t out_plane = pooled_height * pooled_width;
+  at::parallel_for(0, num_rois * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t k = item / blocks;
+      const int64_t c0 = (item % blocks) * kBlock;
+      const int64_t c1 = std::min(channels, c0 + kBlock);
+      const QuantisedRoi<scalar_t> roi(
+          rois + k * 5, spatial_scale, pooled_height, pooled_width, height,
+          width);
+      for (int64_t ph = 0; ph < pooled_height; ++ph) {
+        for (int64_t pw = 0; pw < pooled_width; ++pw) {
+          const Bin bin = roi.bin(ph, pw);
+          for (int64_t c = c0; c < c1; ++c) {
+            const scalar_t* in =
+                input + (roi.batch_index * channels + c) * plane;
+            // An empty bin pools to 0 and passes no gradient (argmax -1).
+            acc_t best = bin.empty() ? acc_t(0) : acc_t(-FLT_MAX);
+            int best_index = -1;
+            for (int64_t h = bin.h0; h < bin.h1; ++h) {
+              for (int64_t w = bin.w0; w < bin.w1; ++w) {
+                const acc_t v = static_cast<acc_t>(in[h * width + w]);
+                if (v > best) {
+                  best = v;
+                  best_index = static_cast<int>(h * width + w);
+                }
+              }
+            }
+            const int64_t o = (k * channels + c) * out_plane + ph * pooled_width + pw;
+            output[o] = static_cast<scalar_t>(best);
+            argmax[o] = best_index;
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void forward_nhwc(
+    const scalar_t* input,
+    const scalar_t* rois,
+    int64_t num_rois,
+    int64_t channels,
+    int64_t height,
+    int64_t width,
+    double spatial_scale,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    scalar_t* output,
+    int* argmax) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t C = channels;
+  at::parallel_for(
+      0, num_rois * pooled_height, 1, [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> best_buffer(C);
+        std::vector<int> index_buffer(C);
+        acc_t* __restrict best = best_buffer.data();
+        int* __restrict best_index = index_buffer.data();
+        for (int64_t item = begin; item < end; ++item) {
+          const int64_t k = item / pooled_height;
+          const int64_t ph = item % pooled_height;
+          const QuantisedRoi<scalar_t> roi(
+              rois + k * 5, spatial_scale, pooled_height, pooled_width, height,
+              width);
+          const scalar_t* in = input + roi.batch_index * height * width * C;
+          for (int64_t pw = 0; pw < pooled_width; ++pw) {
+            const Bin bin = roi.bin(ph, pw);
+            std::fill(best, best + C, bin.empty() ? acc_t(0) : acc_t(-FLT_MAX));
+            std::fill(best_index, best_index + C, -1);
+            for (int64_t h = bin.h0; h < bin.h1; ++h) {
+              for (int64_t w = bin.w0; w < bin.w1; ++w) {
+                const int index = static_cast<int>(h * width + w);
+                const scalar_t* __restrict v = in + index * C;
+                for (int64_t c = 0; c < C; ++c) {
+                  const acc_t x = static_cast<acc_t>(v[c]);
+                  const bool better = x > best[c];
+                  best[c] = better ? x : best[c];
+                  best_index[c] = better ? index : best_index[c];
+                }
+              }
+            }
+            const int64_t o = ((k * pooled_height + ph) * pooled_width + pw) * C;
+            for (int64_t c = 0; c < C; ++c) {
+              output[o + c] = static_cast<scalar_t>(best[c]);
+              argmax[o + c] = best_index[c];
+            }
+          }
+        }
+      });
+}
+
+// grad and argmax share a layout: [K, C, PH, PW] contiguous, or channels_last
+// when `channels_last`; grad_input has that layout too.
+template <typename scalar_t>
+void backward(
+    const scalar_t* grad,
+    const int* argmax,
+    const scalar_t* rois,
+    int64_t num_rois,
+    int64_t channels,
+    int64_t height,
+    int64_t width,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    bool channels_last,
+    scalar_t* grad_input) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t block_size = channels_last ? kBlockLast : kBlock;
+  const int64_t blocks = (channels + block_size - 1) / block_size;
+  const int64_t plane = height * width;
+  const int64_t bins = pooled_height * pooled_width;
+  // Strides of (roi or image, channel, cell) in each layout.
+  const int64_t out_c = channels_last ? 1 : bins;
+  const int64_t out_bin = channels_last ? channels : 1;
+  const int64_t in_c = channels_last ? 1 : plane;
+  const int64_t in_cell = channels_last ? channels : 1;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t c0 = b * block_size;
+      const int64_t c1 = std::min(channels, c0 + block_size);
+      for (int64_t k = 0; k < num_rois; ++k) {
+        const auto image =
+            static_cast<int64_t>(static_cast<acc_t>(rois[k * 5]));
+        scalar_t* gin = grad_input + image * channels * plane;
+        const int64_t roi_offset = k * channels * bins;
+        for (int64_t bin = 0; bin < bins; ++bin) {
+          for (int64_t c = c0; c < c1; ++c) {
+            const int64_t o = roi_offset + c * out_c + bin * out_bin;
+            const int cell = argmax[o];
+            if (cell >= 0 && cell < plane) { // -1: the bin was empty
+              scalar_t& v = gin[c * in_c + cell * in_cell];
+              v = static_cast<acc_t>(v) + static_cast<acc_t>(grad[o]);
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> roi_pool_forward_kernel(
+    const at::Tensor& input,
+    const at::Tensor& rois,
+    double spatial_scale,
+    int64_t pooled_height,
+    int64_t pooled_width) {
+  check_roi_op_inputs(input, rois, pooled_height, pooled_width, "roi_pool");
+  check_roi_batch_indices(rois, input.size(0), "roi_pool");
+  const at::MemoryFormat layout = layout_of(input);
+  const int64_t num_rois = rois.size(0);
+  const int64_t channels = input.size(1);
+  const int64_t height = input.size(2);
+  const int64_t width = input.size(3);
+  // Every element is written below (an empty bin gets 0 and -1).
+  at::Tensor output = at::empty(
+      {num_rois, channels, pooled_height, pooled_width},
+      input.options().memory_format(layout));
+  at::Tensor argmax = at::empty(
+      {num_rois, channels, pooled_height, pooled_width},
+      input.options().dtype(at::kInt).memory_format(layout));
+  if (output.numel() == 0) {
+    return {output, argmax};
+  }
+  const at::Tensor in = input.contiguous(layout);
+  const at::Tensor r = rois.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, input.scalar_type(), "roi_pool_forward", [&] {
+        auto run = layout == at::MemoryFormat::ChannelsLast
+            ? forward_nhwc<scalar_t>
+            : forward_nchw<scalar_t>;
+        run(in.const_data_ptr<scalar_t>(), r.const_data_ptr<scalar_t>(),
+            num_rois, channels, height, width, spatial_scale, pooled_height,
+            pooled_width, output.mutable_data_ptr<scalar_t>(),
+            argmax.mutable_data_ptr<int>());
+      });
+  return {output, argmax};
+}
+
+at::Tensor roi_pool_backward_kernel(
+    const at::Tensor& grad,
+    const at::Tensor& rois,
+    const at::Tensor& argmax,
+    double spatial_scale,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    int64_t batch_size,
+    int64_t channels,
+    int64_t height,
+    int64_t width) {
+  TORCH_CHECK(
+      grad.dim() == 4 && grad.size(1) == channels &&
+          grad.size(2) == pooled_height && grad.size(3) == pooled_width,
+      "roi_pool backward: grad must have shape [K, ", channels, ", ",
+      pooled_height, ", ", pooled_width, "], got ", grad.sizes());
+  TORCH_CHECK(
+      argmax.sizes() == grad.sizes() && argmax.scalar_type() == at::kInt,
+      "roi_pool backward: argmax must be an int32 tensor of grad's shape ",
+      grad.sizes(), ", got ", argmax.scalar_type(), " ", argmax.sizes());
+  TORCH_CHECK(
+      rois.dim() == 2 && rois.size(1) == 5 && rois.size(0) == grad.size(0),
+      "roi_pool backward: rois must have shape [", grad.size(0), ", 5], got ",
+      rois.sizes());
+  const at::MemoryFormat layout = layout_of(grad);
+  at::Tensor grad_input = at::zeros(
+      {batch_size, channels, height, width},
+      grad.options().memory_format(layout));
+  if (grad.numel() == 0 || grad_input.numel() == 0) {
+    return grad_input;
+  }
+  check_roi_batch_indices(rois, batch_size, "roi_pool backward");
+  const at::Tensor g = grad.contiguous(layout);
+  const at::Tensor a = argmax.contiguous(layout);
+  const at::Tensor r = rois.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_pool_backward", [&] {
+        backward<scalar_t>(
+            g.const_data_ptr<scalar_t>(), a.const_data_ptr<int>(),
+            r.const_data_ptr<scalar_t>(), r.size(0), channels, height, width,
+            pooled_height, pooled_width,
+            layout == at::MemoryFormat::ChannelsLast,
+            grad_input.mutable_data_ptr<scalar_t>());
+      });
+  return grad_input;
+}
+
+} // namespace
+
+TORCH_LIBRARY_IMPL(maskray, CPU, m) {
+  m.impl("roi_pool", TORCH_FN(roi_pool_forward_kernel));
+  m.impl("_roi_pool_backward", TORCH_FN(roi_pool_backward_kernel));
+}
+
+} // namespace ops
+} // namespace maskray

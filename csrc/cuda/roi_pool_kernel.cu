@@ -1,0 +1,329 @@
+// CUDA RoIPool, forward and backward, with torchvision.ops.roi_pool's
+// semantics. NCHW and channels_last inputs are both read in place through
+// their strides; each thread owns one output element, taken in the output's
+// memory order so that neighbouring threads write neighbouring addresses.
+
+#include "../checks.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/ceil_div.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/native/cuda/KernelUtils.cuh>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <limits>
+
+namespace maskray {
+namespace ops {
+
+namespace {
+
+constexpr int kThreads = 256;
+
+int64_t num_blocks(int64_t numel) {
+  // A few waves of resident blocks; the grid-stride loops cover the rest.
+  const auto* prop = at::cuda::getCurrentDeviceProperties();
+  const int64_t cap = int64_t{prop->multiProcessorCount} *
+      (prop->maxThreadsPerMultiProcessor / kThreads) * 4;
+  return std::min(at::ceil_div(numel, int64_t{kThreads}), cap);
+}
+
+struct Strides4 {
+  int64_t n, c, h, w;
+};
+
+Strides4 strides_of(const at::Tensor& t) {
+  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+struct Index4 {
+  int64_t n, c, h, w;
+};
+
+// Splits a linear index taken in NCHW or NHWC order into its coordinates.
+__device__ __forceinline__ Index4 unravel(
+    int64_t i, int64_t channels, int64_t height, int64_t width,
+    bool channels_last) {
+  Index4 idx;
+  if (channels_last) {
+    idx.c = i % channels;
+    i /= channels;
+    idx.w = i % width;
+    i /= width;
+    idx.h = i % height;
+    idx.n = i / height;
+  } else {
+    idx.w = i % width;
+    i /= width;
+    idx.h = i % height;
+    i /= height;
+    idx.c = i % channels;
+    idx.n = i / channels;
+  }
+  return idx;
+}
+
+__device__ __forceinline__ int64_t
+offset_of(const Index4& i, const Strides4& s) {
+  return i.n * s.n + i.c * s.c + i.h * s.h + i.w * s.w;
+}
+
+template <typename scalar_t>
+__global__ void roi_pool_forward_cuda(
+    int64_t numel,
+    const scalar_t* __restrict__ input,
+    Strides4 in_stride,
+    const scalar_t* __restrict__ rois,
+    scalar_t* __restrict__ output,
+    Strides4 out_stride,
+    int* __restrict__ argmax,
+    Strides4 argmax_stride,
+    int64_t channels,
+    int height,
+    int width,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    at::opmath_type<scalar_t> spatial_scale,
+    bool channels_last) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < numel;
+       i += int64_t{blockDim.x} * gridDim.x) {
+    const Index4 o =
+        unravel(i, channels, pooled_height, pooled_width, channels_last);
+    const scalar_t* roi = rois + o.n * 5;
+    const int64_t batch = static_cast<int64_t>(static_cast<acc_t>(roi[0]));
+    // The box snaps to whole cells, which is what RoIAlign later removed.
+    const auto snap = [&](scalar_t coord) {
+      return static_cast<int64_t>(
+          round(static_cast<acc_t>(coord) * spatial_scale));
+    };
+    const int64_t start_w = snap(roi[1]);
+    const int64_t start_h = snap(roi[2]);
+    // Both corners are inclusive; a degenerate box still covers one cell.
+    const int64_t roi_w = max(snap(roi[3]) - start_w + 1, int64_t{1});
+    const int64_t roi_h = max(snap(roi[4]) - start_h + 1, int64_t{1});
+    const acc_t bin_h =
+        static_cast<acc_t>(roi_h) / static_cast<acc_t>(pooled_height);
+    const acc_t bin_w =
+        static_cast<acc_t>(roi_w) / static_cast<acc_t>(pooled_width);
+
+    // Bin edges in whole cells (floor/ceil let neighbouring bins share a
+    // boundary cell rather than skip one), moved by the box and clipped to
+    // the map.
+    const auto edge = [](acc_t pos, int64_t start, int size) {
+      return static_cast<int>(min(
+          max(static_cast<int64_t>(pos) + start, int64_t{0}), int64_t{size}));
+    };
+    const acc_t ph = static_cast<acc_t>(o.h);
+    const acc_t pw = static_cast<acc_t>(o.w);
+    const int hstart = edge(floor(ph * bin_h), start_h, height);
+    const int hend = edge(ceil((ph + 1) * bin_h), start_h, height);
+    const int wstart = edge(floor(pw * bin_w), start_w, width);
+    const int wend = edge(ceil((pw + 1) * bin_w), start_w, width);
+    const bool empty = hend <= hstart || wend <= wstart;
+
+    // An empty bin pools to 0 and argmax -1, which the backward skips.
+    acc_t best = empty ? acc_t(0) : acc_t(-FLT_MAX);
+    int best_index = -1;
+    const scalar_t* plane = input + batch * in_stride.n + o.c * in_stride.c;
+    for (int h = hstart; h < hend; ++h) {
+      for (int w = wstart; w < wend; ++w) {
+        const acc_t v =
+            static_cast<acc_t>(plane[h * in_stride.h + w * in_stride.w]);
+        // Strict: the first maximum wins, and NaN never does.
+        if (v > best) {
+          best = v;
+          best_index = h * width + w;
+        }
+      }
+    }
+    output[offset_of(o, out_stride)] = static_cast<scalar_t>(best);
+    argmax[offset_of(o, argmax_stride)] = best_index;
+  }
+}
+
+template <typename scalar_t>
+__global__ void roi_pool_backward_cuda(
+    int64_t numel,
+    const scalar_t* __restrict__ grad,
+    Strides4 grad_stride,
+    const int* __restrict__ argmax,
+    Strides4 argmax_stride,
+    const scalar_t* __restrict__ rois,
+    scalar_t* __restrict__ grad_input,
+    Strides4 in_stride,
+    int64_t grad_input_numel,
+    int64_t channels,
+    int height,
+    int width,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    bool channels_last) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < numel;
+       i += int64_t{blockDim.x} * gridDim.x) {
+    const Index4 o =
+        unravel(i, channels, pooled_height, pooled_width, channels_last);
+    const int index = argmax[offset_of(o, argmax_stride)];
+    // -1 marks an empty bin; the upper bound keeps an argmax that did not
+    // come from the forward from writing out of bounds.
+    if (index < 0 || index >= height * width) {
+      continue;
+    }
+    const int64_t batch =
+        static_cast<int64_t>(static_cast<acc_t>(rois[o.n * 5]));
+    const int64_t h = index / width;
+    const int64_t w = index % width;
+    at::native::fastAtomicAdd(
+        grad_input,
+        batch * in_stride.n + o.c * in_stride.c + h * in_stride.h +
+            w * in_stride.w,
+        grad_input_numel, grad[offset_of(o, grad_stride)], true);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> roi_pool_forward_kernel(
+    const at::Tensor& input,
+    const at::Tensor& rois,
+    double spatial_scale,
+    int64_t pooled_height,
+    int64_t pooled_width) {
+  check_roi_op_inputs(input, rois, pooled_height, pooled_width, "roi_pool");
+  check_roi_batch_indices(rois, input.size(0), "roi_pool");
+  const int64_t height = input.size(2);
+  const int64_t width = input.size(3);
+  TORCH_CHECK(
+      height * width <= std::numeric_limits<int>::max(),
+      "roi_pool: argmax is int32, so height * width must fit in it, got ",
+      height, " * ", width);
+  at::cuda::CUDAGuard device_guard(input.device());
+
+  const auto layout = layout_of(input);
+  const at::Tensor input_ = input.contiguous(layout);
+  const at::Tensor rois_ = rois.contiguous();
+  const int64_t channels = input.size(1);
+  at::Tensor output = at::empty(
+      {rois.size(0), channels, pooled_height, pooled_width},
+      input.options().memory_format(layout));
+  at::Tensor argmax = at::empty(
+      output.sizes(),
+      input.options().dtype(at::kInt).memory_format(layout));
+  if (output.numel() == 0) {
+    return {output, argmax};
+  }
+
+  const int64_t numel = output.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::ScalarType::Half, at::ScalarType::BFloat16, input.scalar_type(),
+      "roi_pool_forward_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        roi_pool_forward_cuda<scalar_t>
+            <<<num_blocks(numel), kThreads, 0,
+               at::cuda::getCurrentCUDAStream()>>>(
+                numel, input_.const_data_ptr<scalar_t>(), strides_of(input_),
+                rois_.const_data_ptr<scalar_t>(),
+                output.mutable_data_ptr<scalar_t>(), strides_of(output),
+                argmax.mutable_data_ptr<int>(), strides_of(argmax), channels,
+                static_cast<int>(height), static_cast<int>(width),
+                pooled_height, pooled_width,
+                static_cast<acc_t>(spatial_scale),
+                layout == at::MemoryFormat::ChannelsLast);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+  return {output, argmax};
+}
+
+at::Tensor roi_pool_backward_kernel(
+    const at::Tensor& grad,
+    const at::Tensor& rois,
+    const at::Tensor& argmax,
+    double spatial_scale,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    int64_t batch_size,
+    int64_t channels,
+    int64_t height,
+    int64_t width) {
+  TORCH_CHECK(
+      grad.dim() == 4,
+      "roi_pool backward: grad must be a 4-D tensor (K, C, PH, PW), got ",
+      grad.dim(), "-D with shape ", grad.sizes());
+  TORCH_CHECK(
+      rois.dim() == 2 && rois.size(1) == 5,
+      "roi_pool backward: rois must have shape [K, 5], got ", rois.sizes());
+  TORCH_CHECK(
+      grad.sizes().equals(
+          {rois.size(0), channels, pooled_height, pooled_width}),
+      "roi_pool backward: grad must have shape [K, channels, pooled_height, "
+      "pooled_width] = [",
+      rois.size(0), ", ", channels, ", ", pooled_height, ", ", pooled_width,
+      "], got ", grad.sizes());
+  TORCH_CHECK(
+      argmax.sizes() == grad.sizes(),
+      "roi_pool backward: argmax must have grad's shape ", grad.sizes(),
+      ", got ", argmax.sizes());
+  TORCH_CHECK(
+      argmax.scalar_type() == at::kInt,
+      "roi_pool backward: argmax must be int32, got ", argmax.scalar_type());
+  TORCH_CHECK(
+      grad.device() == rois.device() && grad.device() == argmax.device(),
+      "roi_pool backward: grad, rois and argmax must be on the same device, "
+      "got ", grad.device(), ", ", rois.device(), " and ", argmax.device());
+  TORCH_CHECK(
+      grad.scalar_type() == rois.scalar_type(),
+      "roi_pool backward: grad and rois must have the same dtype, got ",
+      grad.scalar_type(), " and ", rois.scalar_type());
+  TORCH_CHECK(
+      height * width <= std::numeric_limits<int>::max(),
+      "roi_pool backward: argmax is int32, so height * width must fit in it, "
+      "got ", height, " * ", width);
+  at::globalContext().alertNotDeterministic(
+      "maskray::roi_pool_backward (CUDA)");
+  at::cuda::CUDAGuard device_guard(grad.device());
+
+  const auto layout = layout_of(grad);
+  at::Tensor grad_input = at::zeros(
+      {batch_size, channels, height, width},
+      grad.options().memory_format(layout));
+  if (grad.numel() == 0 || grad_input.numel() == 0) {
+    return grad_input;
+  }
+  // A bad batch index would scatter outside grad_input.
+  check_roi_batch_indices(rois, batch_size, "roi_pool backward");
+
+  const at::Tensor rois_ = rois.contiguous();
+  const int64_t numel = grad.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::ScalarType::Half, at::ScalarType::BFloat16, grad.scalar_type(),
+      "roi_pool_backward_cuda", [&] {
+        roi_pool_backward_cuda<scalar_t>
+            <<<num_blocks(numel), kThreads, 0,
+               at::cuda::getCurrentCUDAStream()>>>(
+                numel, grad.const_data_ptr<scalar_t>(), strides_of(grad),
+                argmax.const_data_ptr<int>(), strides_of(argmax),
+                rois_.const_data_ptr<scalar_t>(),
+                grad_input.mutable_data_ptr<scalar_t>(),
+                strides_of(grad_input), grad_input.numel(), channels,
+                static_cast<int>(height), static_cast<int>(width),
+                pooled_height, pooled_width,
+                layout == at::MemoryFormat::ChannelsLast);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+  return grad_input;
+}
+
+} // namespace
+
+TORCH_LIBRARY_IMPL(maskray, CUDA, m) {
+  m.impl("roi_pool", TORCH_FN(roi_pool_forward_kernel));
+  m.impl("_roi_pool_backward", TORCH_FN(roi_pool_backward_kernel));
+}
+
+} // namespace ops
+} // namespace maskray

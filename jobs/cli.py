@@ -1,0 +1,35 @@
+"""The ``maskray`` command: one subcommand per job.
+
+Each subcommand's module is imported only when it runs, so ``maskray --help`` stays fast.
+"""
+
+import argparse
+import importlib
+import sys
+
+# name -> (module in jobs/, one-line help). Each module has add_arguments(parser) and run(args) -> int.
+SUBCOMMANDS = {
+    "selfcheck": ("jobs.selfcheck", "check the compiled RoI operators against torchvision"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="maskray",
+        description="Instance segmentation (Mask R-CNN) of image buckets on Ray, written to Parquet.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(module=module_name)
+        importlib.import_module(module_name).add_arguments(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return importlib.import_module(args.module).run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

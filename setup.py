@@ -1,0 +1,54 @@
+"""Builds maskray's compiled RoI operators (csrc/) as the extension `model._C`.
+
+CPU kernels are always built; CUDA kernels when torch sees a GPU and nvcc is
+present, or when MASKRAY_FORCE_CUDA=1 (building a GPU image on a machine
+without a GPU). MASKRAY_FORCE_CUDA=0 builds the CPU kernels only.
+
+The build happens at install time, never on first import, so there is no
+lock file that an interrupted build could leave behind.
+"""
+
+import glob
+import os
+
+import torch
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+
+def _want_cuda() -> bool:
+    forced = os.environ.get("MASKRAY_FORCE_CUDA")
+    if forced is not None:
+        return forced == "1"
+    return torch.cuda.is_available() and CUDA_HOME is not None
+
+
+def _extension():
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/autocast/*.cpp"))
+    # abi3: one wheel serves every Python >= 3.10 (module.cpp uses only the limited API).
+    cxx = ["-O3", "-DPy_LIMITED_API=0x030A0000"]
+    link = []
+    if torch.backends.openmp.is_available():
+        # at::parallel_for is OpenMP in torch's builds. The extension links
+        # libgomp.so.1 by soname, which resolves to the copy torch has already
+        # loaded, so both share one thread pool and torch.set_num_threads.
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
+    kwargs = dict(
+        name="model._C",
+        include_dirs=[os.path.abspath("csrc")],
+        extra_link_args=link,
+        py_limited_api=True,
+    )
+    if _want_cuda():
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        nvcc = ["-O3", "--expt-relaxed-constexpr", "-DPy_LIMITED_API=0x030A0000"]
+        return CUDAExtension(sources=sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **kwargs)
+    return CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **kwargs)
+
+
+setup(
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
+)
