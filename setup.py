@@ -23,6 +23,18 @@ def _want_cuda() -> bool:
     return torch.cuda.is_available() and CUDA_HOME is not None
 
 
+def _cuda_wheel_includes() -> list[str]:
+    """CUDA library headers (cusparse.h, ...) that torch's CUDA headers include.
+
+    With torch's pip wheels they ship in the nvidia-* packages, not in CUDA_HOME.
+    """
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    return sorted(p for base in nvidia.__path__ for p in glob.glob(os.path.join(base, "cu*", "include")))
+
+
 def _extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/autocast/*.cpp"))
     # abi3: one wheel serves every Python >= 3.10 (module.cpp uses only the limited API).
@@ -41,7 +53,12 @@ def _extension():
         py_limited_api=True,
     )
     if _want_cuda():
+        if not torch.cuda.is_available():
+            # No GPU to read the architecture from: build for the common data-centre
+            # and workstation ones, with PTX that newer GPUs compile at load time.
+            os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "7.5;8.0;8.6;8.9;9.0+PTX")
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        kwargs["include_dirs"] += _cuda_wheel_includes()
         nvcc = ["-O3", "--expt-relaxed-constexpr", "-DPy_LIMITED_API=0x030A0000"]
         return CUDAExtension(sources=sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **kwargs)
     return CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **kwargs)

@@ -6,7 +6,8 @@
 
 #include <ATen/ATen.h>
 
-#include <string>
+#include <cstdint>
+#include <limits>
 
 namespace maskray {
 namespace ops {
@@ -66,17 +67,12 @@ inline void check_roi_batch_indices(
   }
 }
 
-// Both CPU and CUDA kernels compute channels_last inputs in that layout and
-// return channels_last outputs; anything else is made contiguous (NCHW). The
-// Python fake kernels in model/ops apply the same rule.
-inline bool is_channels_last(const at::Tensor& t) {
-  return t.dim() == 4 && !t.is_contiguous() &&
-      t.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
-inline at::MemoryFormat layout_of(const at::Tensor& t) {
-  return is_channels_last(t) ? at::MemoryFormat::ChannelsLast
-                             : at::MemoryFormat::Contiguous;
+// RoIPool's argmax holds flat h * W + w cell indices in int32.
+inline void check_argmax_range(int64_t height, int64_t width, const char* op) {
+  TORCH_CHECK(
+      height * width <= std::numeric_limits<int32_t>::max(),
+      op, ": the feature map is too large for int32 argmax indices (",
+      height, " x ", width, " cells)");
 }
 
 } // namespace ops

@@ -12,7 +12,8 @@
 // for any number of threads.
 
 #include "../checks.h"
-#include "roi_align_taps.h"
+#include "../layout.h"
+#include "roi_table.h"
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -22,8 +23,6 @@ namespace maskray {
 namespace ops {
 namespace {
 
-using cpu::AxisTap;
-using cpu::RoiGrid;
 using cpu::RoiTable;
 
 constexpr int64_t kBlock = 8; // channels per work item, contiguous layout
@@ -176,7 +175,7 @@ void forward_nhwc(
 
 // Adds one output bin's gradient, spread over its samples, into `block`
 // channel planes of grad_input (NCHW).
-template <typename scalar_t, typename acc_t>
+template <typename acc_t>
 inline void backward_bin_nchw(
     const acc_t* g, // gradient of the bin per channel, already / count
     int64_t block,
@@ -185,7 +184,7 @@ inline void backward_bin_nchw(
     const AxisTap<acc_t>* tx,
     int64_t grid_w,
     int64_t width,
-    scalar_t* __restrict grad_in,
+    acc_t* __restrict grad_in,
     int64_t plane_stride) {
   for (int64_t iy = 0; iy < grid_h; ++iy) {
     const AxisTap<acc_t>& y = ty[iy];
@@ -202,11 +201,11 @@ inline void backward_bin_nchw(
       const int64_t p1 = y.lo * width + x.lo, p2 = y.lo * width + x.hi;
       const int64_t p3 = y.hi * width + x.lo, p4 = y.hi * width + x.hi;
       for (int64_t c = 0; c < block; ++c) {
-        scalar_t* v = grad_in + c * plane_stride;
-        v[p1] = static_cast<acc_t>(v[p1]) + w1 * g[c];
-        v[p2] = static_cast<acc_t>(v[p2]) + w2 * g[c];
-        v[p3] = static_cast<acc_t>(v[p3]) + w3 * g[c];
-        v[p4] = static_cast<acc_t>(v[p4]) + w4 * g[c];
+        acc_t* v = grad_in + c * plane_stride;
+        v[p1] += w1 * g[c];
+        v[p2] += w2 * g[c];
+        v[p3] += w3 * g[c];
+        v[p4] += w4 * g[c];
       }
     }
   }
@@ -219,7 +218,7 @@ void backward_nchw(
     const scalar_t* grad, // [K, C, PH, PW] contiguous
     const RoiTable<acc_t>& table,
     const Shape& s,
-    scalar_t* grad_input) {
+    acc_t* grad_input) {
   const int64_t blocks = (s.channels + kBlock - 1) / kBlock;
   const int64_t plane = s.height * s.width;
   const int64_t out_plane = s.pooled_height * s.pooled_width;
@@ -229,7 +228,7 @@ void backward_nchw(
       const int64_t image = item / blocks;
       const int64_t c0 = (item % blocks) * kBlock;
       const int64_t block = std::min(kBlock, s.channels - c0);
-      scalar_t* gin = grad_input + (image * s.channels + c0) * plane;
+      acc_t* gin = grad_input + (image * s.channels + c0) * plane;
       for (int64_t i = table.image_begin[image];
            i < table.image_begin[image + 1];
            ++i) {
@@ -257,7 +256,7 @@ void backward_nhwc(
     const scalar_t* grad, // [K, C, PH, PW] channels_last
     const RoiTable<acc_t>& table,
     const Shape& s,
-    scalar_t* grad_input) {
+    acc_t* grad_input) {
   const int64_t C = s.channels;
   const int64_t blocks = (C + kBlockLast - 1) / kBlockLast;
   at::parallel_for(0, s.batch * blocks, 1, [&](int64_t begin, int64_t end) {
@@ -266,7 +265,7 @@ void backward_nhwc(
       const int64_t image = item / blocks;
       const int64_t c0 = (item % blocks) * kBlockLast;
       const int64_t block = std::min(kBlockLast, C - c0);
-      scalar_t* gin = grad_input + image * s.height * s.width * C + c0;
+      acc_t* gin = grad_input + image * s.height * s.width * C + c0;
       for (int64_t i = table.image_begin[image];
            i < table.image_begin[image + 1];
            ++i) {
@@ -293,23 +292,23 @@ void backward_nhwc(
                 }
                 const acc_t w1 = y.w_lo * x.w_lo, w2 = y.w_lo * x.w_hi;
                 const acc_t w3 = y.w_hi * x.w_lo, w4 = y.w_hi * x.w_hi;
-                scalar_t* __restrict v1 = gin + (y.lo * s.width + x.lo) * C;
-                scalar_t* __restrict v2 = gin + (y.lo * s.width + x.hi) * C;
-                scalar_t* __restrict v3 = gin + (y.hi * s.width + x.lo) * C;
-                scalar_t* __restrict v4 = gin + (y.hi * s.width + x.hi) * C;
+                acc_t* __restrict v1 = gin + (y.lo * s.width + x.lo) * C;
+                acc_t* __restrict v2 = gin + (y.lo * s.width + x.hi) * C;
+                acc_t* __restrict v3 = gin + (y.hi * s.width + x.lo) * C;
+                acc_t* __restrict v4 = gin + (y.hi * s.width + x.hi) * C;
                 // Taps can coincide at the map's edge (lo == hi), so the four
                 // rows are updated one after another, never fused.
                 for (int64_t c = 0; c < block; ++c) {
-                  v1[c] = static_cast<acc_t>(v1[c]) + w1 * g[c];
+                  v1[c] += w1 * g[c];
                 }
                 for (int64_t c = 0; c < block; ++c) {
-                  v2[c] = static_cast<acc_t>(v2[c]) + w2 * g[c];
+                  v2[c] += w2 * g[c];
                 }
                 for (int64_t c = 0; c < block; ++c) {
-                  v3[c] = static_cast<acc_t>(v3[c]) + w3 * g[c];
+                  v3[c] += w3 * g[c];
                 }
                 for (int64_t c = 0; c < block; ++c) {
-                  v4[c] = static_cast<acc_t>(v4[c]) + w4 * g[c];
+                  v4[c] += w4 * g[c];
                 }
               }
             }
@@ -389,11 +388,10 @@ at::Tensor roi_align_backward_kernel(
       "roi_align backward: grad and rois must have the same dtype, got ",
       grad.scalar_type(), " and ", rois.scalar_type());
   const at::MemoryFormat layout = layout_of(grad);
-  at::Tensor grad_input = at::zeros(
-      {batch_size, channels, height, width},
-      grad.options().memory_format(layout));
+  at::Tensor grad_input =
+      gradient_buffer(grad, {batch_size, channels, height, width}, layout);
   if (grad.numel() == 0 || grad_input.numel() == 0) {
-    return grad_input;
+    return grad_input.to(grad.scalar_type());
   }
   check_roi_batch_indices(rois, batch_size, "roi_align backward");
   const at::Tensor g = grad.contiguous(layout);
@@ -409,9 +407,9 @@ at::Tensor roi_align_backward_kernel(
             ? backward_nhwc<scalar_t, acc_t>
             : backward_nchw<scalar_t, acc_t>;
         run(g.const_data_ptr<scalar_t>(), table, shape,
-            grad_input.mutable_data_ptr<scalar_t>());
+            grad_input.mutable_data_ptr<acc_t>());
       });
-  return grad_input;
+  return grad_input.to(grad.scalar_type());
 }
 
 } // namespace

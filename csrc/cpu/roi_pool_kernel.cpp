@@ -5,14 +5,15 @@
 // so that it needs no atomics and is deterministic.
 
 #include "../checks.h"
+#include "../layout.h"
+#include "../roi_geometry.h"
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cfloat>
-#include <cmath>
+#include <vector>
 
 namespace maskray {
 namespace ops {
@@ -20,59 +21,6 @@ namespace {
 
 constexpr int64_t kBlock = 8;
 constexpr int64_t kBlockLast = 32;
-
-// The feature cells [h0, h1) x [w0, w1) that one output bin max-pools over.
-struct Bin {
-  int64_t h0, h1, w0, w1;
-  bool empty() const {
-    return h1 <= h0 || w1 <= w0;
-  }
-};
-
-// Quantises roi k to whole feature cells, as Fast R-CNN does, and holds its
-// bin size; bin(ph, pw) then gives the cells of one bin, clipped to the map.
-template <typename scalar_t>
-struct QuantisedRoi {
-  using acc_t = at::opmath_type<scalar_t>;
-  int64_t batch_index, start_h, start_w, height, width;
-  acc_t bin_h, bin_w;
-
-  QuantisedRoi(
-      const scalar_t* roi,
-      double spatial_scale,
-      int64_t pooled_height,
-      int64_t pooled_width,
-      int64_t height,
-      int64_t width)
-      : height(height), width(width) {
-    const acc_t scale = static_cast<acc_t>(spatial_scale);
-    batch_index = static_cast<int64_t>(static_cast<acc_t>(roi[0]));
-    start_w = static_cast<int64_t>(std::round(static_cast<acc_t>(roi[1]) * scale));
-    start_h = static_cast<int64_t>(std::round(static_cast<acc_t>(roi[2]) * scale));
-    const int64_t end_w =
-        static_cast<int64_t>(std::round(static_cast<acc_t>(roi[3]) * scale));
-    const int64_t end_h =
-        static_cast<int64_t>(std::round(static_cast<acc_t>(roi[4]) * scale));
-    // Malformed rois are forced to one cell.
-    const int64_t roi_w = std::max<int64_t>(end_w - start_w + 1, 1);
-    const int64_t roi_h = std::max<int64_t>(end_h - start_h + 1, 1);
-    bin_h = static_cast<acc_t>(roi_h) / static_cast<acc_t>(pooled_height);
-    bin_w = static_cast<acc_t>(roi_w) / static_cast<acc_t>(pooled_width);
-  }
-
-  Bin bin(int64_t ph, int64_t pw) const {
-    auto clip = [](int64_t v, int64_t hi) {
-      return std::min(std::max<int64_t>(v, 0), hi);
-    };
-    const auto h0 = static_cast<int64_t>(std::floor(static_cast<acc_t>(ph) * bin_h));
-    const auto w0 = static_cast<int64_t>(std::floor(static_cast<acc_t>(pw) * bin_w));
-    const auto h1 = static_cast<int64_t>(std::ceil(static_cast<acc_t>(ph + 1) * bin_h));
-    const auto w1 = static_cast<int64_t>(std::ceil(static_cast<acc_t>(pw + 1) * bin_w));
-    return {
-        clip(h0 + start_h, height), clip(h1 + start_h, height),
-        clip(w0 + start_w, width), clip(w1 + start_w, width)};
-  }
-};
 
 template <typename scalar_t>
 void forward_nchw(
@@ -96,17 +44,16 @@ void forward_nchw(
       const int64_t k = item / blocks;
       const int64_t c0 = (item % blocks) * kBlock;
       const int64_t c1 = std::min(channels, c0 + kBlock);
-      const QuantisedRoi<scalar_t> roi(
-          rois + k * 5, spatial_scale, pooled_height, pooled_width, height,
-          width);
+      const QuantisedRoi<acc_t> roi(
+          rois + k * 5, static_cast<acc_t>(spatial_scale), pooled_height,
+          pooled_width);
       for (int64_t ph = 0; ph < pooled_height; ++ph) {
         for (int64_t pw = 0; pw < pooled_width; ++pw) {
-          const Bin bin = roi.bin(ph, pw);
+          const PoolBin bin = roi.bin(ph, pw, height, width);
           for (int64_t c = c0; c < c1; ++c) {
             const scalar_t* in =
                 input + (roi.batch_index * channels + c) * plane;
-            // An empty bin pools to 0 and passes no gradient (argmax -1).
-            acc_t best = bin.empty() ? acc_t(0) : acc_t(-FLT_MAX);
+            acc_t best = pool_initial_value<acc_t>(bin);
             int best_index = -1;
             for (int64_t h = bin.h0; h < bin.h1; ++h) {
               for (int64_t w = bin.w0; w < bin.w1; ++w) {
@@ -151,13 +98,13 @@ void forward_nhwc(
         for (int64_t item = begin; item < end; ++item) {
           const int64_t k = item / pooled_height;
           const int64_t ph = item % pooled_height;
-          const QuantisedRoi<scalar_t> roi(
-              rois + k * 5, spatial_scale, pooled_height, pooled_width, height,
-              width);
+          const QuantisedRoi<acc_t> roi(
+              rois + k * 5, static_cast<acc_t>(spatial_scale), pooled_height,
+              pooled_width);
           const scalar_t* in = input + roi.batch_index * height * width * C;
           for (int64_t pw = 0; pw < pooled_width; ++pw) {
-            const Bin bin = roi.bin(ph, pw);
-            std::fill(best, best + C, bin.empty() ? acc_t(0) : acc_t(-FLT_MAX));
+            const PoolBin bin = roi.bin(ph, pw, height, width);
+            std::fill(best, best + C, pool_initial_value<acc_t>(bin));
             std::fill(best_index, best_index + C, -1);
             for (int64_t h = bin.h0; h < bin.h1; ++h) {
               for (int64_t w = bin.w0; w < bin.w1; ++w) {
@@ -195,7 +142,7 @@ void backward(
     int64_t pooled_height,
     int64_t pooled_width,
     bool channels_last,
-    scalar_t* grad_input) {
+    at::opmath_type<scalar_t>* grad_input) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t block_size = channels_last ? kBlockLast : kBlock;
   const int64_t blocks = (channels + block_size - 1) / block_size;
@@ -213,15 +160,14 @@ void backward(
       for (int64_t k = 0; k < num_rois; ++k) {
         const auto image =
             static_cast<int64_t>(static_cast<acc_t>(rois[k * 5]));
-        scalar_t* gin = grad_input + image * channels * plane;
+        acc_t* gin = grad_input + image * channels * plane;
         const int64_t roi_offset = k * channels * bins;
         for (int64_t bin = 0; bin < bins; ++bin) {
           for (int64_t c = c0; c < c1; ++c) {
             const int64_t o = roi_offset + c * out_c + bin * out_bin;
             const int cell = argmax[o];
             if (cell >= 0 && cell < plane) { // -1: the bin was empty
-              scalar_t& v = gin[c * in_c + cell * in_cell];
-              v = static_cast<acc_t>(v) + static_cast<acc_t>(grad[o]);
+              gin[c * in_c + cell * in_cell] += static_cast<acc_t>(grad[o]);
             }
           }
         }
@@ -238,6 +184,7 @@ std::tuple<at::Tensor, at::Tensor> roi_pool_forward_kernel(
     int64_t pooled_width) {
   check_roi_op_inputs(input, rois, pooled_height, pooled_width, "roi_pool");
   check_roi_batch_indices(rois, input.size(0), "roi_pool");
+  check_argmax_range(input.size(2), input.size(3), "roi_pool");
   const at::MemoryFormat layout = layout_of(input);
   const int64_t num_rois = rois.size(0);
   const int64_t channels = input.size(1);
@@ -272,7 +219,7 @@ at::Tensor roi_pool_backward_kernel(
     const at::Tensor& grad,
     const at::Tensor& rois,
     const at::Tensor& argmax,
-    double spatial_scale,
+    double /*spatial_scale: the argmax already says where*/,
     int64_t pooled_height,
     int64_t pooled_width,
     int64_t batch_size,
@@ -292,12 +239,12 @@ at::Tensor roi_pool_backward_kernel(
       rois.dim() == 2 && rois.size(1) == 5 && rois.size(0) == grad.size(0),
       "roi_pool backward: rois must have shape [", grad.size(0), ", 5], got ",
       rois.sizes());
+  check_argmax_range(height, width, "roi_pool backward");
   const at::MemoryFormat layout = layout_of(grad);
-  at::Tensor grad_input = at::zeros(
-      {batch_size, channels, height, width},
-      grad.options().memory_format(layout));
+  at::Tensor grad_input =
+      gradient_buffer(grad, {batch_size, channels, height, width}, layout);
   if (grad.numel() == 0 || grad_input.numel() == 0) {
-    return grad_input;
+    return grad_input.to(grad.scalar_type());
   }
   check_roi_batch_indices(rois, batch_size, "roi_pool backward");
   const at::Tensor g = grad.contiguous(layout);
@@ -310,9 +257,9 @@ at::Tensor roi_pool_backward_kernel(
             r.const_data_ptr<scalar_t>(), r.size(0), channels, height, width,
             pooled_height, pooled_width,
             layout == at::MemoryFormat::ChannelsLast,
-            grad_input.mutable_data_ptr<scalar_t>());
+            grad_input.mutable_data_ptr<at::opmath_type<scalar_t>>());
       });
-  return grad_input;
+  return grad_input.to(grad.scalar_type());
 }
 
 } // namespace

@@ -4,13 +4,16 @@
 // memory order so that neighbouring threads write neighbouring addresses.
 
 #include "../checks.h"
+#include "../layout.h"
+#include "../roi_geometry.h"
+#include "indexing.cuh"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ceil_div.h>
 #include <ATen/cuda/CUDAContext.h>
-#include <ATen/native/cuda/KernelUtils.cuh>
+#include <ATen/cuda/Atomic.cuh>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -22,170 +25,13 @@ namespace ops {
 
 namespace {
 
-constexpr int kThreads = 256;
-
-int64_t num_blocks(int64_t numel) {
-  // A few waves of resident blocks; the grid-stride loops cover the rest.
-  const auto* prop = at::cuda::getCurrentDeviceProperties();
-  const int64_t cap = int64_t{prop->multiProcessorCount} *
-      (prop->maxThreadsPerMultiProcessor / kThreads) * 4;
-  return std::min(at::ceil_div(numel, int64_t{kThreads}), cap);
-}
-
-struct Strides4 {
-  int64_t n, c, h, w;
-};
-
-Strides4 strides_of(const at::Tensor& t) {
-  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
-}
-
-struct Index4 {
-  int64_t n, c, h, w;
-};
-
-// Splits a linear index taken in NCHW or NHWC order into its coordinates.
-__device__ __forceinline__ Index4 unravel(
-    int64_t i, int64_t channels, int64_t height, int64_t width,
-    bool channels_last) {
-  Index4 idx;
-  if (channels_last) {
-    idx.c = i % channels;
-    i /= channels;
-    idx.w = i % width;
-    i /= width;
-    idx.h = i % height;
-    idx.n = i / height;
-  } else {
-    idx.w = i % width;
-    i /= width;
-    idx.h = i % height;
-    i /= height;
-    idx.c = i % channels;
-    idx.n = i / channels;
-  }
-  return idx;
-}
-
-__device__ __forceinline__ int64_t
-offset_of(const Index4& i, const Strides4& s) {
-  return i.n * s.n + i.c * s.c + i.h * s.h + i.w * s.w;
-}
-
-// Where one roi's bins start, how large they are, and how many sample points
-// each bin averages.
-template <typename acc_t>
-struct RoiBins {
-  int64_t batch;
-  acc_t start_h, start_w;
-  acc_t bin_h, bin_w;
-  int grid_h, grid_w;
-  acc_t count;
-};
-
-// Samples per bin along an axis when sampling_ratio <= 0: about one per
-// feature cell. A reversed or NaN bin gets none, without the undefined
-// NaN-to-int cast.
-template <typename acc_t>
-__device__ __forceinline__ int adaptive_grid(acc_t bin_size) {
-  const acc_t n = ceil(bin_size);
-  return n > 0 ? static_cast<int>(n) : 0;
-}
-
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ RoiBins<acc_t> roi_bins(
-    const scalar_t* roi, acc_t spatial_scale, int64_t pooled_height,
-    int64_t pooled_width, int sampling_ratio, bool aligned) {
-  RoiBins<acc_t> b;
-  b.batch = static_cast<int64_t>(static_cast<acc_t>(roi[0]));
-  // With aligned, cell i spans [i, i + 1) in box coordinates while the
-  // bilinear grid puts it at i, hence the half-cell shift. Never rounded.
-  const acc_t offset = aligned ? acc_t(0.5) : acc_t(0);
-  b.start_w = static_cast<acc_t>(roi[1]) * spatial_scale - offset;
-  b.start_h = static_cast<acc_t>(roi[2]) * spatial_scale - offset;
-  const acc_t end_w = static_cast<acc_t>(roi[3]) * spatial_scale - offset;
-  const acc_t end_h = static_cast<acc_t>(roi[4]) * spatial_scale - offset;
-  acc_t roi_w = end_w - b.start_w;
-  acc_t roi_h = end_h - b.start_h;
-  if (!aligned) {
-    // The legacy mode stretches degenerate boxes to at least one cell.
-    roi_w = roi_w < acc_t(1) ? acc_t(1) : roi_w;
-    roi_h = roi_h < acc_t(1) ? acc_t(1) : roi_h;
-  }
-  b.bin_h = roi_h / static_cast<acc_t>(pooled_height);
-  b.bin_w = roi_w / static_cast<acc_t>(pooled_width);
-  b.grid_h = sampling_ratio > 0
-      ? sampling_ratio
-      : adaptive_grid(roi_h / static_cast<acc_t>(pooled_height));
-  b.grid_w = sampling_ratio > 0
-      ? sampling_ratio
-      : adaptive_grid(roi_w / static_cast<acc_t>(pooled_width));
-  b.count = static_cast<acc_t>(max(b.grid_h * b.grid_w, 1));
-  return b;
-}
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t sample_y(
-    const RoiBins<acc_t>& b, int64_t ph, int iy) {
-  return b.start_h + static_cast<acc_t>(ph) * b.bin_h +
-      static_cast<acc_t>(iy + 0.5f) * b.bin_h / static_cast<acc_t>(b.grid_h);
-}
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t sample_x(
-    const RoiBins<acc_t>& b, int64_t pw, int ix) {
-  return b.start_w + static_cast<acc_t>(pw) * b.bin_w +
-      static_cast<acc_t>(ix + 0.5f) * b.bin_w / static_cast<acc_t>(b.grid_w);
-}
-
-// The four neighbours of a sample point and their bilinear weights.
-template <typename acc_t>
-struct Bilinear {
-  int64_t y_low, y_high, x_low, x_high;
-  acc_t w1, w2, w3, w4;
-};
-
-// Returns false for a sample that contributes nothing: more than one cell
-// outside the map, or NaN (every comparison with NaN is false, so the test is
-// written as "not inside" to catch it before the integer casts).
-template <typename acc_t>
-__device__ __forceinline__ bool bilinear(
-    acc_t y, acc_t x, int64_t height, int64_t width, Bilinear<acc_t>& s) {
-  if (!(y >= acc_t(-1) && y <= static_cast<acc_t>(height) &&
-        x >= acc_t(-1) && x <= static_cast<acc_t>(width))) {
-    return false;
-  }
-  // Samples just outside the map are clamped onto its border.
-  if (y <= 0) {
-    y = 0;
-  }
-  if (x <= 0) {
-    x = 0;
-  }
-  s.y_low = static_cast<int64_t>(y);
-  s.x_low = static_cast<int64_t>(x);
-  if (s.y_low >= height - 1) {
-    s.y_high = s.y_low = height - 1;
-    y = static_cast<acc_t>(s.y_low);
-  } else {
-    s.y_high = s.y_low + 1;
-  }
-  if (s.x_low >= width - 1) {
-    s.x_high = s.x_low = width - 1;
-    x = static_cast<acc_t>(s.x_low);
-  } else {
-    s.x_high = s.x_low + 1;
-  }
-  const acc_t ly = y - static_cast<acc_t>(s.y_low);
-  const acc_t lx = x - static_cast<acc_t>(s.x_low);
-  const acc_t hy = acc_t(1) - ly;
-  const acc_t hx = acc_t(1) - lx;
-  s.w1 = hy * hx;
-  s.w2 = hy * lx;
-  s.w3 = ly * hx;
-  s.w4 = ly * lx;
-  return true;
-}
+using cuda::Index4;
+using cuda::kThreads;
+using cuda::num_blocks;
+using cuda::offset_of;
+using cuda::Strides4;
+using cuda::strides_of;
+using cuda::unravel;
 
 template <typename scalar_t>
 __global__ void roi_align_forward_cuda(
@@ -209,29 +55,33 @@ __global__ void roi_align_forward_cuda(
        i += int64_t{blockDim.x} * gridDim.x) {
     const Index4 o =
         unravel(i, channels, pooled_height, pooled_width, channels_last);
-    const RoiBins<acc_t> b = roi_bins(
+    const RoiGrid<acc_t> g = roi_grid<scalar_t, acc_t>(
         rois + o.n * 5, spatial_scale, pooled_height, pooled_width,
         sampling_ratio, aligned);
     const scalar_t* plane =
-        input + b.batch * in_stride.n + o.c * in_stride.c;
+        input + g.batch_index * in_stride.n + o.c * in_stride.c;
+    const auto v = [&](int64_t h, int64_t w) {
+      return static_cast<acc_t>(plane[h * in_stride.h + w * in_stride.w]);
+    };
 
     acc_t sum = 0;
-    for (int iy = 0; iy < b.grid_h; ++iy) {
-      const acc_t y = sample_y(b, o.h, iy);
-      for (int ix = 0; ix < b.grid_w; ++ix) {
-        const acc_t x = sample_x(b, o.w, ix);
-        Bilinear<acc_t> s;
-        if (!bilinear(y, x, height, width, s)) {
+    for (int64_t iy = 0; iy < g.grid_h; ++iy) {
+      const AxisTap<acc_t> y = axis_tap(
+          sample_coordinate(g.start_h, g.bin_h, o.h, iy, g.grid_h), height);
+      if (y.lo < 0) {
+        continue;
+      }
+      for (int64_t ix = 0; ix < g.grid_w; ++ix) {
+        const AxisTap<acc_t> x = axis_tap(
+            sample_coordinate(g.start_w, g.bin_w, o.w, ix, g.grid_w), width);
+        if (x.lo < 0) {
           continue;
         }
-        const auto v = [&](int64_t h, int64_t w) {
-          return static_cast<acc_t>(plane[h * in_stride.h + w * in_stride.w]);
-        };
-        sum += s.w1 * v(s.y_low, s.x_low) + s.w2 * v(s.y_low, s.x_high) +
-            s.w3 * v(s.y_high, s.x_low) + s.w4 * v(s.y_high, s.x_high);
+        sum += y.w_lo * x.w_lo * v(y.lo, x.lo) + y.w_lo * x.w_hi * v(y.lo, x.hi) +
+            y.w_hi * x.w_lo * v(y.hi, x.lo) + y.w_hi * x.w_hi * v(y.hi, x.hi);
       }
     }
-    output[offset_of(o, out_stride)] = static_cast<scalar_t>(sum / b.count);
+    output[offset_of(o, out_stride)] = static_cast<scalar_t>(sum / g.count);
   }
 }
 
@@ -241,9 +91,8 @@ __global__ void roi_align_backward_cuda(
     const scalar_t* __restrict__ grad,
     Strides4 grad_stride,
     const scalar_t* __restrict__ rois,
-    scalar_t* __restrict__ grad_input,
+    at::opmath_type<scalar_t>* __restrict__ grad_input,
     Strides4 in_stride,
-    int64_t grad_input_numel,
     int64_t channels,
     int64_t height,
     int64_t width,
@@ -258,30 +107,36 @@ __global__ void roi_align_backward_cuda(
        i += int64_t{blockDim.x} * gridDim.x) {
     const Index4 o =
         unravel(i, channels, pooled_height, pooled_width, channels_last);
-    const RoiBins<acc_t> b = roi_bins(
+    const RoiGrid<acc_t> g = roi_grid<scalar_t, acc_t>(
         rois + o.n * 5, spatial_scale, pooled_height, pooled_width,
         sampling_ratio, aligned);
-    const acc_t g = static_cast<acc_t>(grad[offset_of(o, grad_stride)]);
-    const int64_t plane = b.batch * in_stride.n + o.c * in_stride.c;
+    // Divided once here rather than per tap (torchvision: grad * w / count);
+    // the two differ by rounding only.
+    const acc_t grad_per_sample =
+        static_cast<acc_t>(grad[offset_of(o, grad_stride)]) / g.count;
+    const int64_t plane = g.batch_index * in_stride.n + o.c * in_stride.c;
+    const auto add = [&](int64_t h, int64_t w, acc_t weight) {
+      gpuAtomicAdd(
+          grad_input + plane + h * in_stride.h + w * in_stride.w,
+          grad_per_sample * weight);
+    };
 
-    for (int iy = 0; iy < b.grid_h; ++iy) {
-      const acc_t y = sample_y(b, o.h, iy);
-      for (int ix = 0; ix < b.grid_w; ++ix) {
-        const acc_t x = sample_x(b, o.w, ix);
-        Bilinear<acc_t> s;
-        if (!bilinear(y, x, height, width, s)) {
+    for (int64_t iy = 0; iy < g.grid_h; ++iy) {
+      const AxisTap<acc_t> y = axis_tap(
+          sample_coordinate(g.start_h, g.bin_h, o.h, iy, g.grid_h), height);
+      if (y.lo < 0) {
+        continue;
+      }
+      for (int64_t ix = 0; ix < g.grid_w; ++ix) {
+        const AxisTap<acc_t> x = axis_tap(
+            sample_coordinate(g.start_w, g.bin_w, o.w, ix, g.grid_w), width);
+        if (x.lo < 0) {
           continue;
         }
-        const auto add = [&](int64_t h, int64_t w, acc_t weight) {
-          at::native::fastAtomicAdd(
-              grad_input, plane + h * in_stride.h + w * in_stride.w,
-              grad_input_numel, static_cast<scalar_t>(g * weight / b.count),
-              true);
-        };
-        add(s.y_low, s.x_low, s.w1);
-        add(s.y_low, s.x_high, s.w2);
-        add(s.y_high, s.x_low, s.w3);
-        add(s.y_high, s.x_high, s.w4);
+        add(y.lo, x.lo, y.w_lo * x.w_lo);
+        add(y.lo, x.hi, y.w_lo * x.w_hi);
+        add(y.hi, x.lo, y.w_hi * x.w_lo);
+        add(y.hi, x.hi, y.w_hi * x.w_hi);
       }
     }
   }
@@ -374,11 +229,10 @@ at::Tensor roi_align_backward_kernel(
   at::cuda::CUDAGuard device_guard(grad.device());
 
   const auto layout = layout_of(grad);
-  at::Tensor grad_input = at::zeros(
-      {batch_size, channels, height, width},
-      grad.options().memory_format(layout));
+  at::Tensor grad_input =
+      gradient_buffer(grad, {batch_size, channels, height, width}, layout);
   if (grad.numel() == 0 || grad_input.numel() == 0) {
-    return grad_input;
+    return grad_input.to(grad.scalar_type());
   }
   // A bad batch index would scatter outside grad_input.
   check_roi_batch_indices(rois, batch_size, "roi_align backward");
@@ -394,15 +248,15 @@ at::Tensor roi_align_backward_kernel(
                at::cuda::getCurrentCUDAStream()>>>(
                 numel, grad.const_data_ptr<scalar_t>(), strides_of(grad),
                 rois_.const_data_ptr<scalar_t>(),
-                grad_input.mutable_data_ptr<scalar_t>(),
-                strides_of(grad_input), grad_input.numel(), channels, height,
+                grad_input.mutable_data_ptr<at::opmath_type<scalar_t>>(),
+                strides_of(grad_input), channels, height,
                 width, pooled_height, pooled_width,
                 static_cast<acc_t>(spatial_scale),
                 static_cast<int>(sampling_ratio), aligned,
                 layout == at::MemoryFormat::ChannelsLast);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
-  return grad_input;
+  return grad_input.to(grad.scalar_type());
 }
 
 } // namespace

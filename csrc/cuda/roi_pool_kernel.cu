@@ -4,75 +4,34 @@
 // memory order so that neighbouring threads write neighbouring addresses.
 
 #include "../checks.h"
+#include "../layout.h"
+#include "../roi_geometry.h"
+#include "indexing.cuh"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ceil_div.h>
 #include <ATen/cuda/CUDAContext.h>
-#include <ATen/native/cuda/KernelUtils.cuh>
+#include <ATen/cuda/Atomic.cuh>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cfloat>
-#include <limits>
 
 namespace maskray {
 namespace ops {
 
 namespace {
 
-constexpr int kThreads = 256;
-
-int64_t num_blocks(int64_t numel) {
-  // A few waves of resident blocks; the grid-stride loops cover the rest.
-  const auto* prop = at::cuda::getCurrentDeviceProperties();
-  const int64_t cap = int64_t{prop->multiProcessorCount} *
-      (prop->maxThreadsPerMultiProcessor / kThreads) * 4;
-  return std::min(at::ceil_div(numel, int64_t{kThreads}), cap);
-}
-
-struct Strides4 {
-  int64_t n, c, h, w;
-};
-
-Strides4 strides_of(const at::Tensor& t) {
-  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
-}
-
-struct Index4 {
-  int64_t n, c, h, w;
-};
-
-// Splits a linear index taken in NCHW or NHWC order into its coordinates.
-__device__ __forceinline__ Index4 unravel(
-    int64_t i, int64_t channels, int64_t height, int64_t width,
-    bool channels_last) {
-  Index4 idx;
-  if (channels_last) {
-    idx.c = i % channels;
-    i /= channels;
-    idx.w = i % width;
-    i /= width;
-    idx.h = i % height;
-    idx.n = i / height;
-  } else {
-    idx.w = i % width;
-    i /= width;
-    idx.h = i % height;
-    i /= height;
-    idx.c = i % channels;
-    idx.n = i / channels;
-  }
-  return idx;
-}
-
-__device__ __forceinline__ int64_t
-offset_of(const Index4& i, const Strides4& s) {
-  return i.n * s.n + i.c * s.c + i.h * s.h + i.w * s.w;
-}
+using cuda::Index4;
+using cuda::kThreads;
+using cuda::num_blocks;
+using cuda::offset_of;
+using cuda::Strides4;
+using cuda::strides_of;
+using cuda::unravel;
 
 template <typename scalar_t>
 __global__ void roi_pool_forward_cuda(
@@ -96,50 +55,21 @@ __global__ void roi_pool_forward_cuda(
        i += int64_t{blockDim.x} * gridDim.x) {
     const Index4 o =
         unravel(i, channels, pooled_height, pooled_width, channels_last);
-    const scalar_t* roi = rois + o.n * 5;
-    const int64_t batch = static_cast<int64_t>(static_cast<acc_t>(roi[0]));
-    // The box snaps to whole cells, which is what RoIAlign later removed.
-    const auto snap = [&](scalar_t coord) {
-      return static_cast<int64_t>(
-          round(static_cast<acc_t>(coord) * spatial_scale));
-    };
-    const int64_t start_w = snap(roi[1]);
-    const int64_t start_h = snap(roi[2]);
-    // Both corners are inclusive; a degenerate box still covers one cell.
-    const int64_t roi_w = max(snap(roi[3]) - start_w + 1, int64_t{1});
-    const int64_t roi_h = max(snap(roi[4]) - start_h + 1, int64_t{1});
-    const acc_t bin_h =
-        static_cast<acc_t>(roi_h) / static_cast<acc_t>(pooled_height);
-    const acc_t bin_w =
-        static_cast<acc_t>(roi_w) / static_cast<acc_t>(pooled_width);
-
-    // Bin edges in whole cells (floor/ceil let neighbouring bins share a
-    // boundary cell rather than skip one), moved by the box and clipped to
-    // the map.
-    const auto edge = [](acc_t pos, int64_t start, int size) {
-      return static_cast<int>(min(
-          max(static_cast<int64_t>(pos) + start, int64_t{0}), int64_t{size}));
-    };
-    const acc_t ph = static_cast<acc_t>(o.h);
-    const acc_t pw = static_cast<acc_t>(o.w);
-    const int hstart = edge(floor(ph * bin_h), start_h, height);
-    const int hend = edge(ceil((ph + 1) * bin_h), start_h, height);
-    const int wstart = edge(floor(pw * bin_w), start_w, width);
-    const int wend = edge(ceil((pw + 1) * bin_w), start_w, width);
-    const bool empty = hend <= hstart || wend <= wstart;
-
-    // An empty bin pools to 0 and argmax -1, which the backward skips.
-    acc_t best = empty ? acc_t(0) : acc_t(-FLT_MAX);
+    const QuantisedRoi<acc_t> roi(
+        rois + o.n * 5, spatial_scale, pooled_height, pooled_width);
+    const PoolBin bin = roi.bin(o.h, o.w, height, width);
+    acc_t best = pool_initial_value<acc_t>(bin);
     int best_index = -1;
-    const scalar_t* plane = input + batch * in_stride.n + o.c * in_stride.c;
-    for (int h = hstart; h < hend; ++h) {
-      for (int w = wstart; w < wend; ++w) {
+    const scalar_t* plane =
+        input + roi.batch_index * in_stride.n + o.c * in_stride.c;
+    for (int64_t h = bin.h0; h < bin.h1; ++h) {
+      for (int64_t w = bin.w0; w < bin.w1; ++w) {
         const acc_t v =
             static_cast<acc_t>(plane[h * in_stride.h + w * in_stride.w]);
         // Strict: the first maximum wins, and NaN never does.
         if (v > best) {
           best = v;
-          best_index = h * width + w;
+          best_index = static_cast<int>(h * width + w);
         }
       }
     }
@@ -156,9 +86,8 @@ __global__ void roi_pool_backward_cuda(
     const int* __restrict__ argmax,
     Strides4 argmax_stride,
     const scalar_t* __restrict__ rois,
-    scalar_t* __restrict__ grad_input,
+    at::opmath_type<scalar_t>* __restrict__ grad_input,
     Strides4 in_stride,
-    int64_t grad_input_numel,
     int64_t channels,
     int height,
     int width,
@@ -180,11 +109,10 @@ __global__ void roi_pool_backward_cuda(
         static_cast<int64_t>(static_cast<acc_t>(rois[o.n * 5]));
     const int64_t h = index / width;
     const int64_t w = index % width;
-    at::native::fastAtomicAdd(
-        grad_input,
-        batch * in_stride.n + o.c * in_stride.c + h * in_stride.h +
-            w * in_stride.w,
-        grad_input_numel, grad[offset_of(o, grad_stride)], true);
+    gpuAtomicAdd(
+        grad_input + batch * in_stride.n + o.c * in_stride.c +
+            h * in_stride.h + w * in_stride.w,
+        static_cast<acc_t>(grad[offset_of(o, grad_stride)]));
   }
 }
 
@@ -198,10 +126,7 @@ std::tuple<at::Tensor, at::Tensor> roi_pool_forward_kernel(
   check_roi_batch_indices(rois, input.size(0), "roi_pool");
   const int64_t height = input.size(2);
   const int64_t width = input.size(3);
-  TORCH_CHECK(
-      height * width <= std::numeric_limits<int>::max(),
-      "roi_pool: argmax is int32, so height * width must fit in it, got ",
-      height, " * ", width);
+  check_argmax_range(height, width, "roi_pool");
   at::cuda::CUDAGuard device_guard(input.device());
 
   const auto layout = layout_of(input);
@@ -279,20 +204,16 @@ at::Tensor roi_pool_backward_kernel(
       grad.scalar_type() == rois.scalar_type(),
       "roi_pool backward: grad and rois must have the same dtype, got ",
       grad.scalar_type(), " and ", rois.scalar_type());
-  TORCH_CHECK(
-      height * width <= std::numeric_limits<int>::max(),
-      "roi_pool backward: argmax is int32, so height * width must fit in it, "
-      "got ", height, " * ", width);
+  check_argmax_range(height, width, "roi_pool backward");
   at::globalContext().alertNotDeterministic(
       "maskray::roi_pool_backward (CUDA)");
   at::cuda::CUDAGuard device_guard(grad.device());
 
   const auto layout = layout_of(grad);
-  at::Tensor grad_input = at::zeros(
-      {batch_size, channels, height, width},
-      grad.options().memory_format(layout));
+  at::Tensor grad_input =
+      gradient_buffer(grad, {batch_size, channels, height, width}, layout);
   if (grad.numel() == 0 || grad_input.numel() == 0) {
-    return grad_input;
+    return grad_input.to(grad.scalar_type());
   }
   // A bad batch index would scatter outside grad_input.
   check_roi_batch_indices(rois, batch_size, "roi_pool backward");
@@ -308,14 +229,14 @@ at::Tensor roi_pool_backward_kernel(
                 numel, grad.const_data_ptr<scalar_t>(), strides_of(grad),
                 argmax.const_data_ptr<int>(), strides_of(argmax),
                 rois_.const_data_ptr<scalar_t>(),
-                grad_input.mutable_data_ptr<scalar_t>(),
-                strides_of(grad_input), grad_input.numel(), channels,
+                grad_input.mutable_data_ptr<at::opmath_type<scalar_t>>(),
+                strides_of(grad_input), channels,
                 static_cast<int>(height), static_cast<int>(width),
                 pooled_height, pooled_width,
                 layout == at::MemoryFormat::ChannelsLast);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
-  return grad_input;
+  return grad_input.to(grad.scalar_type());
 }
 
 } // namespace
