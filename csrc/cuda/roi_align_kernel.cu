@@ -25,13 +25,33 @@ namespace ops {
 
 namespace {
 
-using cuda::Index4;
-using cuda::kThreads;
-using cuda::num_blocks;
-using cuda::offset_of;
-using cuda::Strides4;
-using cuda::strides_of;
-using cuda::unravel;
+using namespace cuda; // indexing.cuh
+
+// Calls visit(y, x) with the per-axis taps of every sample of output bin
+// (ph, pw) that lies on the map; samples off the map contribute nothing.
+template <typename acc_t, typename Visit>
+__device__ __forceinline__ void for_each_sample(
+    const RoiGrid<acc_t>& g,
+    int64_t ph,
+    int64_t pw,
+    int64_t height,
+    int64_t width,
+    Visit visit) {
+  for (int64_t iy = 0; iy < g.grid_h; ++iy) {
+    const AxisTap<acc_t> y = axis_tap(
+        sample_coordinate(g.start_h, g.bin_h, ph, iy, g.grid_h), height);
+    if (y.lo < 0) {
+      continue;
+    }
+    for (int64_t ix = 0; ix < g.grid_w; ++ix) {
+      const AxisTap<acc_t> x = axis_tap(
+          sample_coordinate(g.start_w, g.bin_w, pw, ix, g.grid_w), width);
+      if (x.lo >= 0) {
+        visit(y, x);
+      }
+    }
+  }
+}
 
 template <typename scalar_t>
 __global__ void roi_align_forward_cuda(
@@ -65,22 +85,13 @@ __global__ void roi_align_forward_cuda(
     };
 
     acc_t sum = 0;
-    for (int64_t iy = 0; iy < g.grid_h; ++iy) {
-      const AxisTap<acc_t> y = axis_tap(
-          sample_coordinate(g.start_h, g.bin_h, o.h, iy, g.grid_h), height);
-      if (y.lo < 0) {
-        continue;
-      }
-      for (int64_t ix = 0; ix < g.grid_w; ++ix) {
-        const AxisTap<acc_t> x = axis_tap(
-            sample_coordinate(g.start_w, g.bin_w, o.w, ix, g.grid_w), width);
-        if (x.lo < 0) {
-          continue;
-        }
-        sum += y.w_lo * x.w_lo * v(y.lo, x.lo) + y.w_lo * x.w_hi * v(y.lo, x.hi) +
-            y.w_hi * x.w_lo * v(y.hi, x.lo) + y.w_hi * x.w_hi * v(y.hi, x.hi);
-      }
-    }
+    for_each_sample(
+        g, o.h, o.w, height, width,
+        [&](const AxisTap<acc_t>& y, const AxisTap<acc_t>& x) {
+          sum += y.w_lo * x.w_lo * v(y.lo, x.lo) +
+              y.w_lo * x.w_hi * v(y.lo, x.hi) +
+              y.w_hi * x.w_lo * v(y.hi, x.lo) + y.w_hi * x.w_hi * v(y.hi, x.hi);
+        });
     output[offset_of(o, out_stride)] = static_cast<scalar_t>(sum / g.count);
   }
 }
@@ -121,24 +132,14 @@ __global__ void roi_align_backward_cuda(
           grad_per_sample * weight);
     };
 
-    for (int64_t iy = 0; iy < g.grid_h; ++iy) {
-      const AxisTap<acc_t> y = axis_tap(
-          sample_coordinate(g.start_h, g.bin_h, o.h, iy, g.grid_h), height);
-      if (y.lo < 0) {
-        continue;
-      }
-      for (int64_t ix = 0; ix < g.grid_w; ++ix) {
-        const AxisTap<acc_t> x = axis_tap(
-            sample_coordinate(g.start_w, g.bin_w, o.w, ix, g.grid_w), width);
-        if (x.lo < 0) {
-          continue;
-        }
-        add(y.lo, x.lo, y.w_lo * x.w_lo);
-        add(y.lo, x.hi, y.w_lo * x.w_hi);
-        add(y.hi, x.lo, y.w_hi * x.w_lo);
-        add(y.hi, x.hi, y.w_hi * x.w_hi);
-      }
-    }
+    for_each_sample(
+        g, o.h, o.w, height, width,
+        [&](const AxisTap<acc_t>& y, const AxisTap<acc_t>& x) {
+          add(y.lo, x.lo, y.w_lo * x.w_lo);
+          add(y.lo, x.hi, y.w_lo * x.w_hi);
+          add(y.hi, x.lo, y.w_hi * x.w_lo);
+          add(y.hi, x.hi, y.w_hi * x.w_hi);
+        });
   }
 }
 

@@ -25,13 +25,7 @@ namespace ops {
 
 namespace {
 
-using cuda::Index4;
-using cuda::kThreads;
-using cuda::num_blocks;
-using cuda::offset_of;
-using cuda::Strides4;
-using cuda::strides_of;
-using cuda::unravel;
+using namespace cuda; // indexing.cuh
 
 template <typename scalar_t>
 __global__ void roi_pool_forward_cuda(
