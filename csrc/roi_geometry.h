@@ -123,11 +123,16 @@ C10_HOST_DEVICE inline AxisTap<acc_t> axis_tap(acc_t v, int64_t size) {
 
 // ----------------------------------------------------------------- RoIPool
 
-// The feature cells [h0, h1) x [w0, w1) that one output bin max-pools over.
+// Feature cells [lo, hi) along one axis.
+struct CellRange {
+  int64_t lo, hi;
+};
+
+// The cells that one output bin max-pools over.
 struct PoolBin {
-  int64_t h0, h1, w0, w1;
+  CellRange rows, cols;
   C10_HOST_DEVICE bool empty() const {
-    return h1 <= h0 || w1 <= w0;
+    return rows.hi <= rows.lo || cols.hi <= cols.lo;
   }
 };
 
@@ -157,15 +162,18 @@ struct QuantisedRoi {
     bin_w = static_cast<acc_t>(roi_w) / static_cast<acc_t>(pooled_width);
   }
 
-  // The cells of bin (ph, pw), clipped to a height x width map. Neighbouring
-  // bins may share a boundary cell; none is skipped.
+  // The rows of bin row ph on a map `height` cells high, and the columns of
+  // bin column pw on one `width` cells wide. Neighbouring bins may share a
+  // boundary cell; none is skipped.
+  C10_HOST_DEVICE CellRange rows(int64_t ph, int64_t height) const {
+    return cells(ph, bin_h, start_h, height);
+  }
+  C10_HOST_DEVICE CellRange cols(int64_t pw, int64_t width) const {
+    return cells(pw, bin_w, start_w, width);
+  }
   C10_HOST_DEVICE PoolBin bin(
       int64_t ph, int64_t pw, int64_t height, int64_t width) const {
-    return {
-        clip(static_cast<int64_t>(::floor(static_cast<acc_t>(ph) * bin_h)) + start_h, height),
-        clip(static_cast<int64_t>(::ceil(static_cast<acc_t>(ph + 1) * bin_h)) + start_h, height),
-        clip(static_cast<int64_t>(::floor(static_cast<acc_t>(pw) * bin_w)) + start_w, width),
-        clip(static_cast<int64_t>(::ceil(static_cast<acc_t>(pw + 1) * bin_w)) + start_w, width)};
+    return {rows(ph, height), cols(pw, width)};
   }
 
  private:
@@ -177,6 +185,12 @@ struct QuantisedRoi {
   }
   C10_HOST_DEVICE static int64_t clip(int64_t v, int64_t size) {
     return v < 0 ? 0 : (v > size ? size : v);
+  }
+  C10_HOST_DEVICE static CellRange cells(
+      int64_t p, acc_t bin, int64_t start, int64_t size) {
+    return {
+        clip(static_cast<int64_t>(::floor(static_cast<acc_t>(p) * bin)) + start, size),
+        clip(static_cast<int64_t>(::ceil(static_cast<acc_t>(p + 1) * bin)) + start, size)};
   }
 };
 

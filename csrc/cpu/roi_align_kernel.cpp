@@ -89,10 +89,10 @@ void forward_nchw(
       const int64_t c0 = (item % blocks) * kBlock;
       const int64_t block = std::min(kBlock, s.channels - c0);
       const scalar_t* in = input + (image * s.channels + c0) * plane;
-      for (int64_t i = table.image_begin[image];
-           i < table.image_begin[image + 1];
-           ++i) {
-        const int64_t k = table.order[i];
+      for (const int64_t* roi = table.by_image.begin(image);
+           roi != table.by_image.end(image);
+           ++roi) {
+        const int64_t k = *roi;
         const RoiGrid<acc_t>& g = table.grids[k];
         scalar_t* out = output + (k * s.channels + c0) * out_plane;
         for (int64_t ph = 0; ph < s.pooled_height; ++ph) {
@@ -229,10 +229,10 @@ void backward_nchw(
       const int64_t c0 = (item % blocks) * kBlock;
       const int64_t block = std::min(kBlock, s.channels - c0);
       acc_t* gin = grad_input + (image * s.channels + c0) * plane;
-      for (int64_t i = table.image_begin[image];
-           i < table.image_begin[image + 1];
-           ++i) {
-        const int64_t k = table.order[i];
+      for (const int64_t* roi = table.by_image.begin(image);
+           roi != table.by_image.end(image);
+           ++roi) {
+        const int64_t k = *roi;
         const RoiGrid<acc_t>& rg = table.grids[k];
         const scalar_t* gout = grad + (k * s.channels + c0) * out_plane;
         for (int64_t ph = 0; ph < s.pooled_height; ++ph) {
@@ -266,10 +266,10 @@ void backward_nhwc(
       const int64_t c0 = (item % blocks) * kBlockLast;
       const int64_t block = std::min(kBlockLast, C - c0);
       acc_t* gin = grad_input + image * s.height * s.width * C + c0;
-      for (int64_t i = table.image_begin[image];
-           i < table.image_begin[image + 1];
-           ++i) {
-        const int64_t k = table.order[i];
+      for (const int64_t* roi = table.by_image.begin(image);
+           roi != table.by_image.end(image);
+           ++roi) {
+        const int64_t k = *roi;
         const RoiGrid<acc_t>& rg = table.grids[k];
         for (int64_t ph = 0; ph < s.pooled_height; ++ph) {
           const AxisTap<acc_t>* ty = table.y_taps(k, ph);

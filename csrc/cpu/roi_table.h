@@ -6,6 +6,7 @@
 // Caffe2 and torchvision precompute), with the rois grouped by batch image.
 
 #include "../roi_geometry.h"
+#include "rois_by_image.h"
 
 #include <vector>
 
@@ -36,8 +37,7 @@ struct RoiTable {
   std::vector<RoiGrid<acc_t>> grids;
   std::vector<int64_t> y_begin, x_begin; // roi k's taps start at y[y_begin[k]]
   std::vector<AxisTap<acc_t>> y, x;
-  std::vector<int64_t> order; // roi indices grouped by image, in input order
-  std::vector<int64_t> image_begin; // image b's rois: order[image_begin[b]..]
+  RoisByImage by_image;
 
   template <typename scalar_t>
   RoiTable(
@@ -51,7 +51,12 @@ struct RoiTable {
       bool aligned,
       int64_t height,
       int64_t width)
-      : grids(num_rois), y_begin(num_rois + 1), x_begin(num_rois + 1) {
+      : grids(num_rois),
+        y_begin(num_rois + 1),
+        x_begin(num_rois + 1),
+        by_image(num_rois, batch_size, [&](int64_t k) {
+          return static_cast<int64_t>(static_cast<acc_t>(rois[k * 5]));
+        }) {
     y_begin[0] = x_begin[0] = 0;
     for (int64_t k = 0; k < num_rois; ++k) {
       grids[k] = roi_grid<scalar_t, acc_t>(
@@ -66,19 +71,6 @@ struct RoiTable {
       const RoiGrid<acc_t>& g = grids[k];
       axis_taps(g.start_h, g.bin_h, pooled_height, g.grid_h, height, &y[y_begin[k]]);
       axis_taps(g.start_w, g.bin_w, pooled_width, g.grid_w, width, &x[x_begin[k]]);
-    }
-    // Counting sort by image; batch indices were validated by the caller.
-    image_begin.assign(batch_size + 1, 0);
-    for (int64_t k = 0; k < num_rois; ++k) {
-      ++image_begin[grids[k].batch_index + 1];
-    }
-    for (int64_t b = 0; b < batch_size; ++b) {
-      image_begin[b + 1] += image_begin[b];
-    }
-    order.resize(num_rois);
-    std::vector<int64_t> next(image_begin.begin(), image_begin.end() - 1);
-    for (int64_t k = 0; k < num_rois; ++k) {
-      order[next[grids[k].batch_index]++] = k;
     }
   }
 

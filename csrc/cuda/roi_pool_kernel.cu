@@ -56,8 +56,8 @@ __global__ void roi_pool_forward_cuda(
     int best_index = -1;
     const scalar_t* plane =
         input + roi.batch_index * in_stride.n + o.c * in_stride.c;
-    for (int64_t h = bin.h0; h < bin.h1; ++h) {
-      for (int64_t w = bin.w0; w < bin.w1; ++w) {
+    for (int64_t h = bin.rows.lo; h < bin.rows.hi; ++h) {
+      for (int64_t w = bin.cols.lo; w < bin.cols.hi; ++w) {
         const acc_t v =
             static_cast<acc_t>(plane[h * in_stride.h + w * in_stride.w]);
         // Strict: the first maximum wins, and NaN never does.
