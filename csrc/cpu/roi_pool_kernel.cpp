@@ -188,9 +188,12 @@ void forward_nhwc(
             const scalar_t* __restrict v = in + index * C;
             for (int64_t c = 0; c < C; ++c) {
               const acc_t x = static_cast<acc_t>(v[c]);
-              const bool better = x > best[c];
-              best[c] = better ? x : best[c];
-              best_index[c] = better ? index : best_index[c];
+              const acc_t b = best[c];
+              // A bit mask rather than a branch or select of int on a float
+              // comparison, which x86-64's baseline (SSE2) cannot vectorise.
+              const int take = -static_cast<int>(x > b);
+              best[c] = x > b ? x : b;
+              best_index[c] = (index & take) | (best_index[c] & ~take);
             }
           }
         }
