@@ -3,8 +3,8 @@
 // Two layouts, each with the loop order that keeps its innermost loop simple:
 // - contiguous (NCHW): work items are (image, block of kBlock channels), each
 //   pooling every roi of its image from planes that stay in cache (see
-//   RoiTable); a sample's taps are formed once for the whole block, whose
-//   accumulators stay in registers.
+//   rois_by_image.h); a sample's taps are formed once for the whole block,
+//   whose accumulators stay in registers.
 // - channels_last (NHWC): work items are (roi, output row); the innermost loop
 //   runs over contiguous channels, which the compiler vectorises.
 // The backward's items are (image, channel block) in both layouts, so no two
