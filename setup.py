@@ -38,7 +38,8 @@ def _cuda_wheel_includes() -> list[str]:
 def _extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/autocast/*.cpp"))
     # abi3: one wheel serves every Python >= 3.10 (module.cpp uses only the limited API).
-    cxx = ["-O3", "-DPy_LIMITED_API=0x030A0000"]
+    # -g0: Python's own flags ask for debug info, which makes the library 20 times larger (11 MB).
+    cxx = ["-O3", "-g0", "-DPy_LIMITED_API=0x030A0000"]
     link = []
     if torch.backends.openmp.is_available():
         # at::parallel_for is OpenMP in torch's builds. The extension links
