@@ -45,26 +45,73 @@ inline void check_roi_op_inputs(
       pooled_width, ")");
 }
 
-// Every roi's batch index must name an image of the batch. On CUDA this costs
-// one device synchronisation: the price of a clear error instead of an illegal
-// memory access.
-inline void check_roi_batch_indices(
+// Every roi's batch index must name an image of the batch (a whole number:
+// torchvision would truncate 0.5 to 0, we say it is wrong) and its corners
+// must be finite. On CUDA this costs one device synchronisation: the price of
+// a clear error instead of an illegal memory access.
+inline void check_roi_values(
     const at::Tensor& rois, int64_t batch_size, const char* op) {
   if (rois.size(0) == 0) {
     return;
   }
-  auto index = rois.select(1, 0);
-  auto bad = at::logical_or(
-                 at::logical_or(index < 0, index >= batch_size),
-                 index != index.trunc())
-                 .nonzero();
-  if (bad.size(0) > 0) {
-    const int64_t k = bad[0][0].item<int64_t>();
-    TORCH_CHECK(
-        false,
-        op, ": rois[", k, ", 0] = ", rois[k][0].item<double>(),
-        " is not a batch index of the input, whose batch size is ", batch_size);
+  const auto index = rois.select(1, 0);
+  const auto bad_index = at::logical_or(
+      at::logical_or(index < 0, index >= batch_size), index != index.trunc());
+  const auto bad_corner =
+      at::logical_not(at::isfinite(rois.narrow(1, 1, 4))).any(1);
+  const auto bad = at::logical_or(bad_index, bad_corner).nonzero();
+  if (bad.size(0) == 0) {
+    return;
   }
+  const int64_t k = bad[0][0].item<int64_t>();
+  const auto roi = rois[k].to(at::kDouble).cpu();
+  const double* r = roi.const_data_ptr<double>();
+  TORCH_CHECK(
+      !bad_index[k].item<bool>(),
+      op, ": rois[", k, ", 0] = ", r[0],
+      " is not a batch index of the input, whose batch size is ", batch_size);
+  TORCH_CHECK(
+      false,
+      op, ": rois[", k, "] = (", r[0], ", ", r[1], ", ", r[2], ", ", r[3],
+      ", ", r[4], ") has a corner that is not finite");
+}
+
+// The arguments of a backward op, which only the autograd formula in model/ops
+// calls, checked all the same: a direct call must not write out of bounds.
+inline void check_roi_backward_inputs(
+    const at::Tensor& grad,
+    const at::Tensor& rois,
+    int64_t channels,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    const char* op) {
+  TORCH_CHECK(
+      rois.dim() == 2 && rois.size(1) == 5,
+      op, ": rois must have shape [K, 5], got ", rois.sizes());
+  TORCH_CHECK(
+      grad.dim() == 4 && grad.size(0) == rois.size(0) &&
+          grad.size(1) == channels && grad.size(2) == pooled_height &&
+          grad.size(3) == pooled_width,
+      op, ": grad must have shape [", rois.size(0), ", ", channels, ", ",
+      pooled_height, ", ", pooled_width, "], got ", grad.sizes());
+  TORCH_CHECK(
+      grad.device() == rois.device(),
+      op, ": grad and rois must be on the same device, got ", grad.device(),
+      " and ", rois.device());
+  TORCH_CHECK(
+      grad.scalar_type() == rois.scalar_type(),
+      op, ": grad and rois must have the same dtype, got ", grad.scalar_type(),
+      " and ", rois.scalar_type());
+}
+
+inline void check_roi_pool_argmax(
+    const at::Tensor& argmax, const at::Tensor& grad, const char* op) {
+  TORCH_CHECK(
+      argmax.sizes() == grad.sizes() && argmax.scalar_type() == at::kInt &&
+          argmax.device() == grad.device(),
+      op, ": argmax must be an int32 tensor of grad's shape ", grad.sizes(),
+      " on ", grad.device(), ", got ", argmax.scalar_type(), " ",
+      argmax.sizes(), " on ", argmax.device());
 }
 
 // RoIPool's argmax holds flat h * W + w cell indices in int32.

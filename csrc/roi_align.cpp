@@ -27,27 +27,6 @@ at::Tensor roi_align(
       std::move(pooled_width), sampling_ratio, aligned);
 }
 
-at::Tensor _roi_align_backward(
-    const at::Tensor& grad,
-    const at::Tensor& rois,
-    double spatial_scale,
-    c10::SymInt pooled_height,
-    c10::SymInt pooled_width,
-    c10::SymInt batch_size,
-    c10::SymInt channels,
-    c10::SymInt height,
-    c10::SymInt width,
-    int64_t sampling_ratio,
-    bool aligned) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("maskray::_roi_align_backward", "")
-                       .typed<decltype(_roi_align_backward)>();
-  return op.call(
-      grad, rois, spatial_scale, std::move(pooled_height),
-      std::move(pooled_width), std::move(batch_size), std::move(channels),
-      std::move(height), std::move(width), sampling_ratio, aligned);
-}
-
 TORCH_LIBRARY_FRAGMENT(maskray, m) {
   m.def(
       "roi_align(Tensor input, Tensor rois, float spatial_scale, "

@@ -121,6 +121,25 @@ C10_HOST_DEVICE inline AxisTap<acc_t> axis_tap(acc_t v, int64_t size) {
   return {lo, hi, h, l};
 }
 
+// The four neighbours of a sample, (row[j], col[j]) with bilinear weight
+// weight[j], from the sample's taps along each axis: (y_lo, x_lo),
+// (y_lo, x_hi), (y_hi, x_lo), (y_hi, x_hi), torchvision's w1 to w4.
+template <typename acc_t>
+struct Bilinear {
+  int64_t row[4];
+  int64_t col[4];
+  acc_t weight[4];
+};
+
+template <typename acc_t>
+C10_HOST_DEVICE inline Bilinear<acc_t> bilinear(
+    const AxisTap<acc_t>& y, const AxisTap<acc_t>& x) {
+  return {
+      {y.lo, y.lo, y.hi, y.hi},
+      {x.lo, x.hi, x.lo, x.hi},
+      {y.w_lo * x.w_lo, y.w_lo * x.w_hi, y.w_hi * x.w_lo, y.w_hi * x.w_hi}};
+}
+
 // ----------------------------------------------------------------- RoIPool
 
 // Feature cells [lo, hi) along one axis.

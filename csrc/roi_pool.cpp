@@ -25,26 +25,6 @@ std::tuple<at::Tensor, at::Tensor> roi_pool(
       std::move(pooled_width));
 }
 
-at::Tensor _roi_pool_backward(
-    const at::Tensor& grad,
-    const at::Tensor& rois,
-    const at::Tensor& argmax,
-    double spatial_scale,
-    c10::SymInt pooled_height,
-    c10::SymInt pooled_width,
-    c10::SymInt batch_size,
-    c10::SymInt channels,
-    c10::SymInt height,
-    c10::SymInt width) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("maskray::_roi_pool_backward", "")
-                       .typed<decltype(_roi_pool_backward)>();
-  return op.call(
-      grad, rois, argmax, spatial_scale, std::move(pooled_height),
-      std::move(pooled_width), std::move(batch_size), std::move(channels),
-      std::move(height), std::move(width));
-}
-
 TORCH_LIBRARY_FRAGMENT(maskray, m) {
   m.def(
       "roi_pool(Tensor input, Tensor rois, float spatial_scale, "

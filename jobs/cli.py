@@ -1,6 +1,8 @@
 """The ``maskray`` command: one subcommand per job.
 
-Each subcommand's module is imported only when it runs, so ``maskray --help`` stays fast.
+Each subcommand lives in a module of jobs/ with ``add_arguments(parser)`` and ``run(args)``;
+those modules import torch and the rest inside ``run``, so that ``maskray --help`` and argument
+errors come back at once.
 """
 
 import argparse

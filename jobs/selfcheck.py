@@ -8,9 +8,6 @@ with kernels, compared with torchvision.ops. Exits non-zero on any mismatch.
 import argparse
 import time
 
-import torch
-import torchvision
-
 TOLERANCE = 1e-4  # float32; the kernels do torchvision's arithmetic, so differences are rounding
 
 
@@ -19,7 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--boxes", type=int, default=64, help="number of boxes")
 
 
-def _inputs(seed: int, count: int, device: torch.device):
+def _inputs(seed: int, count: int, device):
+    import torch
+
     generator = torch.Generator().manual_seed(seed)
     feature = torch.randn(2, 32, 48, 64, generator=generator)
     # Image coordinates at stride 4, some boxes reaching past the map's edge.
@@ -32,6 +31,8 @@ def _inputs(seed: int, count: int, device: torch.device):
 
 def _compare(ours, theirs, feature, layout) -> tuple[float, float]:
     """Max abs difference of the outputs and of the input gradients."""
+    import torch
+
     x_ours = feature.clone(memory_format=layout).requires_grad_()
     x_theirs = feature.clone().requires_grad_()
     out_ours, out_theirs = ours(x_ours), theirs(x_theirs)
@@ -45,6 +46,9 @@ def _compare(ours, theirs, feature, layout) -> tuple[float, float]:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+    import torchvision
+
     import model.ops as ops
 
     devices = [torch.device("cpu")]

@@ -265,6 +265,14 @@ def error_cases(op: RoiOp) -> list:
 
         return call
 
+    def corner(value):
+        def call(x, r):
+            r = r.clone()
+            r[1, 3] = value
+            return op.ours(x, r, 2)
+
+        return call
+
     cases = {  # each message names the op
         "output_size_zero": (lambda x, r: op.ours(x, r, 0), ValueError, "output_size must be positive"),
         "output_size_negative": (lambda x, r: op.ours(x, r, (2, -1)), ValueError, "output_size must be positive"),
@@ -283,6 +291,8 @@ def error_cases(op: RoiOp) -> list:
         "batch_index_negative": (index(-1.0), RuntimeError, "is not a batch index"),
         "batch_index_fraction": (index(0.5), RuntimeError, "is not a batch index"),
         "batch_index_nan": (index(float("nan")), RuntimeError, "= nan is not a batch index"),
+        "corner_inf": (corner(float("inf")), RuntimeError, r"rois\[1\] = .* has a corner that is not finite"),
+        "corner_nan": (corner(float("nan")), RuntimeError, "has a corner that is not finite"),
         "integer_input": (raw(lambda x, r: (x.long(), r.long())), RuntimeError, "must be a floating point tensor"),
         "raw_input_3d": (raw(lambda x, r: (x[0], r)), RuntimeError, "input must be a 4-D tensor"),
         "raw_rois_k4": (raw(lambda x, r: (x, r[:, 1:])), RuntimeError, r"rois must have shape \[K, 5\]"),

@@ -47,3 +47,14 @@ def test_inductor_matches_eager(generator):
     compiled = torch.compile(f, backend="inductor", fullgraph=True)
     x, rois = make_input(FEATURE, generator=generator), random_rois(FEATURE[0], 16, *FEATURE[2:], 0.5, generator)
     assert_agree(lambda t: compiled(t, rois), lambda t: f(t, rois), x, generator)
+
+
+def test_huge_box_with_adaptive_sampling_is_refused(generator):
+    # One sample per cell of a box a billion cells wide would exhaust memory; the error says
+    # what to do instead. A fixed sampling_ratio pools the same box (to zeros, off the map).
+    x = make_input(FEATURE, generator=generator)
+    rois = torch.tensor([[0, 0.0, 0.0, 1e9, 4.0]])
+    with pytest.raises(RuntimeError, match=r"rois\[0\] spans .* pass a sampling_ratio > 0"):
+        model.ops.roi_align(x, rois, OUTPUT_SIZE, 1.0, -1)
+    out = model.ops.roi_align(x, rois, OUTPUT_SIZE, 1.0, 2)
+    torch.testing.assert_close(out, torchvision.ops.roi_align(x, rois, OUTPUT_SIZE, 1.0, 2))

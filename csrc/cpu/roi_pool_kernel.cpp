@@ -1,8 +1,8 @@
 // RoIPool on the CPU: forward and backward, parallel with at::parallel_for,
 // with the same work split as RoIAlign (see roi_align_kernel.cpp): (image,
 // channel block) items for NCHW, (roi, output row) items with a vectorisable
-// channel loop for channels_last, and a backward parallel over channels only
-// so that it needs no atomics and is deterministic.
+// channel loop for channels_last, and a backward over (image, channel block)
+// items that needs no atomics and is deterministic.
 
 #include "../checks.h"
 #include "../layout.h"
@@ -20,6 +20,8 @@ namespace maskray {
 namespace ops {
 namespace {
 
+using cpu::block_items;
+using cpu::BlockItem;
 using cpu::RoisByImage;
 
 constexpr int64_t kBlock = 8;
@@ -108,7 +110,7 @@ inline void pool_bin_nchw(
   }
 }
 
-// Items are (image, block of kBlock channels), as in RoIAlign's NCHW forward.
+// Items are (block of kBlock channels, image), as in RoIAlign's NCHW forward.
 template <typename scalar_t>
 void forward_nchw(
     const scalar_t* input,
@@ -119,14 +121,13 @@ void forward_nchw(
     int64_t width,
     scalar_t* output,
     int* argmax) {
-  const int64_t blocks = (channels + kBlock - 1) / kBlock;
   const int64_t plane = height * width;
   const int64_t out_plane = table.pooled_height * table.pooled_width;
-  at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t items = block_items(batch, kBlock, channels);
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t image = item / blocks;
-      const int64_t c0 = (item % blocks) * kBlock;
-      const int64_t c1 = std::min(channels, c0 + kBlock);
+      const BlockItem it(item, batch, kBlock, channels);
+      const int64_t image = it.image, c0 = it.c0;
       for (const int64_t* roi = table.by_image.begin(image);
            roi != table.by_image.end(image);
            ++roi) {
@@ -137,11 +138,11 @@ void forward_nchw(
             const int64_t o = (k * channels + c0) * out_plane +
                 ph * table.pooled_width + pw;
             const scalar_t* in = input + (image * channels + c0) * plane;
-            if (c1 - c0 == kBlock) {
+            if (it.block == kBlock) {
               pool_bin_nchw<kBlock>(
                   in, plane, width, bin, output + o, argmax + o, out_plane);
             } else {
-              for (int64_t c = 0; c < c1 - c0; ++c) {
+              for (int64_t c = 0; c < it.block; ++c) {
                 pool_bin_nchw<1>(
                     in + c * plane, plane, width, bin,
                     output + o + c * out_plane, argmax + o + c * out_plane,
@@ -207,55 +208,45 @@ void forward_nhwc(
   });
 }
 
-// grad and argmax share a layout: [K, C, PH, PW] contiguous, or channels_last
-// when `channels_last`; grad_input has that layout too.
-template <typename scalar_t>
+// Adds each bin's gradient to the cell its maximum came from. grad, argmax
+// and grad_input share a layout, contiguous or channels_last. Items are
+// (channel block, image), so threads never share a cell.
+template <bool channels_last, typename scalar_t>
 void backward(
     const scalar_t* grad,
     const int* argmax,
-    const scalar_t* rois,
-    int64_t num_rois,
+    const RoisByImage& by_image,
+    int64_t batch,
     int64_t channels,
     int64_t height,
     int64_t width,
     int64_t pooled_height,
     int64_t pooled_width,
-    bool channels_last,
     at::opmath_type<scalar_t>* grad_input) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t block_size = channels_last ? kBlockLast : kBlock;
-  const int64_t blocks = (channels + block_size - 1) / block_size;
-  const int64_t plane = height * width;
+  constexpr int64_t block_size = channels_last ? kBlockLast : kBlock;
+  const int64_t cells = height * width;
   const int64_t bins = pooled_height * pooled_width;
-  // Strides of channel and cell within an image of grad_input.
-  const int64_t in_c = channels_last ? 1 : plane;
+  // Strides of an output's channel and bin, and of grad_input's channel and cell.
+  const int64_t out_c = channels_last ? 1 : bins;
+  const int64_t out_bin = channels_last ? channels : 1;
+  const int64_t in_c = channels_last ? 1 : cells;
   const int64_t in_cell = channels_last ? channels : 1;
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t c0 = b * block_size;
-      const int64_t c1 = std::min(channels, c0 + block_size);
-      for (int64_t k = 0; k < num_rois; ++k) {
-        const auto image =
-            static_cast<int64_t>(static_cast<acc_t>(rois[k * 5]));
-        acc_t* gin = grad_input + image * channels * plane;
-        const int64_t roi_offset = k * channels * bins;
-        const auto add = [&](int64_t o, int64_t c) {
-          const int cell = argmax[o];
-          if (cell >= 0 && cell < plane) { // -1: the bin was empty
-            gin[c * in_c + cell * in_cell] += static_cast<acc_t>(grad[o]);
-          }
-        };
-        // grad and argmax are read in memory order.
-        if (channels_last) {
-          for (int64_t bin = 0; bin < bins; ++bin) {
-            for (int64_t c = c0; c < c1; ++c) {
-              add(roi_offset + bin * channels + c, c);
-            }
-          }
-        } else {
-          for (int64_t c = c0; c < c1; ++c) {
-            for (int64_t bin = 0; bin < bins; ++bin) {
-              add(roi_offset + c * bins + bin, c);
+  const int64_t items = block_items(batch, block_size, channels);
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const BlockItem it(item, batch, block_size, channels);
+      acc_t* gin = grad_input + it.image * channels * cells;
+      for (const int64_t* roi = by_image.begin(it.image);
+           roi != by_image.end(it.image);
+           ++roi) {
+        const int64_t roi_offset = *roi * channels * bins;
+        for (int64_t bin = 0; bin < bins; ++bin) {
+          for (int64_t c = it.c0; c < it.c0 + it.block; ++c) {
+            const int64_t o = roi_offset + c * out_c + bin * out_bin;
+            const int cell = argmax[o];
+            if (cell >= 0 && cell < cells) { // -1: the bin was empty
+              gin[c * in_c + cell * in_cell] += static_cast<acc_t>(grad[o]);
             }
           }
         }
@@ -271,7 +262,7 @@ std::tuple<at::Tensor, at::Tensor> roi_pool_forward_kernel(
     int64_t pooled_height,
     int64_t pooled_width) {
   check_roi_op_inputs(input, rois, pooled_height, pooled_width, "roi_pool");
-  check_roi_batch_indices(rois, input.size(0), "roi_pool");
+  check_roi_values(rois, input.size(0), "roi_pool");
   check_argmax_range(input.size(2), input.size(3), "roi_pool");
   const at::MemoryFormat layout = layout_of(input);
   const int64_t num_rois = rois.size(0);
@@ -321,38 +312,33 @@ at::Tensor roi_pool_backward_kernel(
     int64_t channels,
     int64_t height,
     int64_t width) {
-  TORCH_CHECK(
-      grad.dim() == 4 && grad.size(1) == channels &&
-          grad.size(2) == pooled_height && grad.size(3) == pooled_width,
-      "roi_pool backward: grad must have shape [K, ", channels, ", ",
-      pooled_height, ", ", pooled_width, "], got ", grad.sizes());
-  TORCH_CHECK(
-      argmax.sizes() == grad.sizes() && argmax.scalar_type() == at::kInt,
-      "roi_pool backward: argmax must be an int32 tensor of grad's shape ",
-      grad.sizes(), ", got ", argmax.scalar_type(), " ", argmax.sizes());
-  TORCH_CHECK(
-      rois.dim() == 2 && rois.size(1) == 5 && rois.size(0) == grad.size(0),
-      "roi_pool backward: rois must have shape [", grad.size(0), ", 5], got ",
-      rois.sizes());
-  check_argmax_range(height, width, "roi_pool backward");
+  const char* op = "roi_pool backward";
+  check_roi_backward_inputs(grad, rois, channels, pooled_height, pooled_width, op);
+  check_roi_pool_argmax(argmax, grad, op);
+  check_argmax_range(height, width, op);
   const at::MemoryFormat layout = layout_of(grad);
   at::Tensor grad_input =
       gradient_buffer(grad, {batch_size, channels, height, width}, layout);
   if (grad.numel() == 0 || grad_input.numel() == 0) {
     return grad_input.to(grad.scalar_type());
   }
-  check_roi_batch_indices(rois, batch_size, "roi_pool backward");
+  check_roi_values(rois, batch_size, op);
   const at::Tensor g = grad.contiguous(layout);
   const at::Tensor a = argmax.contiguous(layout);
   const at::Tensor r = rois.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_pool_backward", [&] {
-        backward<scalar_t>(
-            g.const_data_ptr<scalar_t>(), a.const_data_ptr<int>(),
-            r.const_data_ptr<scalar_t>(), r.size(0), channels, height, width,
-            pooled_height, pooled_width,
-            layout == at::MemoryFormat::ChannelsLast,
-            grad_input.mutable_data_ptr<at::opmath_type<scalar_t>>());
+        using acc_t = at::opmath_type<scalar_t>;
+        const scalar_t* roi_data = r.const_data_ptr<scalar_t>();
+        const RoisByImage by_image(r.size(0), batch_size, [&](int64_t k) {
+          return static_cast<int64_t>(static_cast<acc_t>(roi_data[k * 5]));
+        });
+        auto run = layout == at::MemoryFormat::ChannelsLast
+            ? backward<true, scalar_t>
+            : backward<false, scalar_t>;
+        run(g.const_data_ptr<scalar_t>(), a.const_data_ptr<int>(), by_image,
+            batch_size, channels, height, width, pooled_height, pooled_width,
+            grad_input.mutable_data_ptr<acc_t>());
       });
   return grad_input.to(grad.scalar_type());
 }

@@ -8,6 +8,8 @@
 #include "../roi_geometry.h"
 #include "rois_by_image.h"
 
+#include <ATen/ATen.h>
+
 #include <vector>
 
 namespace maskray {
@@ -32,6 +34,31 @@ inline void axis_taps(
   }
 }
 
+// Calls visit(b) with the bilinear neighbours b of every sample of one bin
+// that lies on the map; ty and tx are the taps of the bin's row and column.
+template <typename acc_t, typename Visit>
+inline void for_each_sample(
+    const AxisTap<acc_t>* ty,
+    int64_t grid_h,
+    const AxisTap<acc_t>* tx,
+    int64_t grid_w,
+    Visit&& visit) {
+  for (int64_t iy = 0; iy < grid_h; ++iy) {
+    if (ty[iy].lo < 0) {
+      continue;
+    }
+    for (int64_t ix = 0; ix < grid_w; ++ix) {
+      if (tx[ix].lo >= 0) {
+        visit(bilinear(ty[iy], tx[ix]));
+      }
+    }
+  }
+}
+
+// More samples per bin along an axis than any real feature map needs.
+constexpr int64_t kMaxAdaptiveGrid = 1 << 16;
+
+// The grids and taps of every roi of a call, and the rois grouped by image.
 template <typename acc_t>
 struct RoiTable {
   std::vector<RoiGrid<acc_t>> grids;
@@ -62,6 +89,13 @@ struct RoiTable {
       grids[k] = roi_grid<scalar_t, acc_t>(
           rois + k * 5, static_cast<acc_t>(spatial_scale), pooled_height,
           pooled_width, sampling_ratio, aligned);
+      // Adaptive sampling takes about one sample per cell the box spans, on
+      // or off the map: a box millions of cells wide would take millions.
+      TORCH_CHECK(
+          grids[k].grid_h <= kMaxAdaptiveGrid && grids[k].grid_w <= kMaxAdaptiveGrid,
+          "roi_align: rois[", k, "] spans ", grids[k].grid_h * pooled_height,
+          " x ", grids[k].grid_w * pooled_width, " feature cells, too many to "
+          "sample one per cell (sampling_ratio <= 0); pass a sampling_ratio > 0");
       y_begin[k + 1] = y_begin[k] + pooled_height * grids[k].grid_h;
       x_begin[k + 1] = x_begin[k] + pooled_width * grids[k].grid_w;
     }

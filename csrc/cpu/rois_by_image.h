@@ -1,11 +1,13 @@
 #pragma once
 
-// Roi indices grouped by the batch image they lie on, each group in input
-// order. The contiguous-layout kernels walk (image, channel block) work items:
+// Work split by (channel block, image), and the rois grouped by image that
+// it needs. The contiguous-layout kernels and every backward walk such items:
 // a block of one image's channel planes stays in cache while every roi on that
-// image is pooled from it. (Walking rois one by one, each reading all C
-// planes, streams the whole feature map from memory once per roi.)
+// image is pooled from it (walking rois one by one, each reading all C planes,
+// streams the whole feature map from memory once per roi), and an item writes
+// only its own channels of one image, so backward threads never share a cell.
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -45,6 +47,21 @@ class RoisByImage {
   std::vector<int64_t> order_;
   std::vector<int64_t> begin_;
 };
+
+// Work item `item` of block_items(...): blocks outermost, so that the
+// contiguous chunks at::parallel_for hands each thread span all images,
+// however unevenly the rois fall on them.
+struct BlockItem {
+  int64_t image, c0, block;
+  BlockItem(int64_t item, int64_t batch, int64_t block_size, int64_t channels)
+      : image(item % batch),
+        c0((item / batch) * block_size),
+        block(std::min(block_size, channels - c0)) {}
+};
+
+inline int64_t block_items(int64_t batch, int64_t block_size, int64_t channels) {
+  return batch * ((channels + block_size - 1) / block_size);
+}
 
 } // namespace cpu
 } // namespace ops

@@ -1,13 +1,16 @@
 #pragma once
 
-// Launch geometry and 4-D indexing shared by the CUDA kernels: one thread per
-// output element, taken in the output's memory order (channels fastest for
-// channels_last) so that neighbouring threads write neighbouring addresses,
-// and every tensor read or written through its own strides.
+// Launch geometry, 4-D indexing and checks shared by the CUDA kernels: one
+// thread per output element, taken in the output's memory order (channels
+// fastest for channels_last) so that neighbouring threads write neighbouring
+// addresses, and every tensor read or written through its own strides.
+
+#include "../checks.h"
 
 #include <ATen/ATen.h>
 #include <ATen/ceil_div.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAGraphsUtils.cuh>
 
 #include <algorithm>
 
@@ -63,6 +66,16 @@ __device__ __forceinline__ Index4 unravel(
 __device__ __forceinline__ int64_t
 offset_of(const Index4& i, const Strides4& s) {
   return i.n * s.n + i.c * s.c + i.h * s.h + i.w * s.w;
+}
+
+// check_roi_values synchronises with the device, which a CUDA graph capture
+// forbids; a captured call replays the shapes of calls already run, and
+// checked, eagerly.
+inline void check_roi_values_unless_capturing(
+    const at::Tensor& rois, int64_t batch_size, const char* op) {
+  if (at::cuda::currentStreamCaptureStatus() == at::cuda::CaptureStatus::None) {
+    check_roi_values(rois, batch_size, op);
+  }
 }
 
 } // namespace cuda

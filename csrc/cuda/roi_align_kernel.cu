@@ -1,7 +1,8 @@
 // CUDA RoIAlign, forward and backward, with torchvision.ops.roi_align's
-// semantics. NCHW and channels_last inputs are both read in place through
-// their strides; each thread owns one output element, taken in the output's
-// memory order so that neighbouring threads write neighbouring addresses.
+// semantics. Contiguous and channels_last inputs are read in place through
+// their strides (any other layout is made contiguous first); each thread owns
+// one output element, taken in the output's memory order so that
+// neighbouring threads write neighbouring addresses.
 
 #include "../checks.h"
 #include "../layout.h"
@@ -27,7 +28,7 @@ namespace {
 
 using namespace cuda; // indexing.cuh
 
-// Calls visit(y, x) with the per-axis taps of every sample of output bin
+// Calls visit(b) with the bilinear neighbours b of every sample of output bin
 // (ph, pw) that lies on the map; samples off the map contribute nothing.
 template <typename acc_t, typename Visit>
 __device__ __forceinline__ void for_each_sample(
@@ -47,7 +48,7 @@ __device__ __forceinline__ void for_each_sample(
       const AxisTap<acc_t> x = axis_tap(
           sample_coordinate(g.start_w, g.bin_w, pw, ix, g.grid_w), width);
       if (x.lo >= 0) {
-        visit(y, x);
+        visit(bilinear(y, x));
       }
     }
   }
@@ -80,18 +81,15 @@ __global__ void roi_align_forward_cuda(
         sampling_ratio, aligned);
     const scalar_t* plane =
         input + g.batch_index * in_stride.n + o.c * in_stride.c;
-    const auto v = [&](int64_t h, int64_t w) {
-      return static_cast<acc_t>(plane[h * in_stride.h + w * in_stride.w]);
-    };
-
     acc_t sum = 0;
-    for_each_sample(
-        g, o.h, o.w, height, width,
-        [&](const AxisTap<acc_t>& y, const AxisTap<acc_t>& x) {
-          sum += y.w_lo * x.w_lo * v(y.lo, x.lo) +
-              y.w_lo * x.w_hi * v(y.lo, x.hi) +
-              y.w_hi * x.w_lo * v(y.hi, x.lo) + y.w_hi * x.w_hi * v(y.hi, x.hi);
-        });
+    for_each_sample(g, o.h, o.w, height, width, [&](const Bilinear<acc_t>& b) {
+      const auto v = [&](int j) {
+        return static_cast<acc_t>(
+            plane[b.row[j] * in_stride.h + b.col[j] * in_stride.w]);
+      };
+      sum += b.weight[0] * v(0) + b.weight[1] * v(1) + b.weight[2] * v(2) +
+          b.weight[3] * v(3);
+    });
     output[offset_of(o, out_stride)] = static_cast<scalar_t>(sum / g.count);
   }
 }
@@ -126,20 +124,13 @@ __global__ void roi_align_backward_cuda(
     const acc_t grad_per_sample =
         static_cast<acc_t>(grad[offset_of(o, grad_stride)]) / g.count;
     const int64_t plane = g.batch_index * in_stride.n + o.c * in_stride.c;
-    const auto add = [&](int64_t h, int64_t w, acc_t weight) {
-      gpuAtomicAdd(
-          grad_input + plane + h * in_stride.h + w * in_stride.w,
-          grad_per_sample * weight);
-    };
-
-    for_each_sample(
-        g, o.h, o.w, height, width,
-        [&](const AxisTap<acc_t>& y, const AxisTap<acc_t>& x) {
-          add(y.lo, x.lo, y.w_lo * x.w_lo);
-          add(y.lo, x.hi, y.w_lo * x.w_hi);
-          add(y.hi, x.lo, y.w_hi * x.w_lo);
-          add(y.hi, x.hi, y.w_hi * x.w_hi);
-        });
+    for_each_sample(g, o.h, o.w, height, width, [&](const Bilinear<acc_t>& b) {
+      for (int j = 0; j < 4; ++j) {
+        gpuAtomicAdd(
+            grad_input + plane + b.row[j] * in_stride.h + b.col[j] * in_stride.w,
+            grad_per_sample * b.weight[j]);
+      }
+    });
   }
 }
 
@@ -152,7 +143,7 @@ at::Tensor roi_align_forward_kernel(
     int64_t sampling_ratio,
     bool aligned) {
   check_roi_op_inputs(input, rois, pooled_height, pooled_width, "roi_align");
-  check_roi_batch_indices(rois, input.size(0), "roi_align");
+  check_roi_values_unless_capturing(rois, input.size(0), "roi_align");
   at::cuda::CUDAGuard device_guard(input.device());
 
   const auto layout = layout_of(input);
@@ -203,28 +194,8 @@ at::Tensor roi_align_backward_kernel(
     int64_t width,
     int64_t sampling_ratio,
     bool aligned) {
-  TORCH_CHECK(
-      grad.dim() == 4,
-      "roi_align backward: grad must be a 4-D tensor (K, C, PH, PW), got ",
-      grad.dim(), "-D with shape ", grad.sizes());
-  TORCH_CHECK(
-      rois.dim() == 2 && rois.size(1) == 5,
-      "roi_align backward: rois must have shape [K, 5], got ", rois.sizes());
-  TORCH_CHECK(
-      grad.sizes().equals(
-          {rois.size(0), channels, pooled_height, pooled_width}),
-      "roi_align backward: grad must have shape [K, channels, pooled_height, "
-      "pooled_width] = [",
-      rois.size(0), ", ", channels, ", ", pooled_height, ", ", pooled_width,
-      "], got ", grad.sizes());
-  TORCH_CHECK(
-      grad.device() == rois.device(),
-      "roi_align backward: grad and rois must be on the same device, got ",
-      grad.device(), " and ", rois.device());
-  TORCH_CHECK(
-      grad.scalar_type() == rois.scalar_type(),
-      "roi_align backward: grad and rois must have the same dtype, got ",
-      grad.scalar_type(), " and ", rois.scalar_type());
+  const char* op = "roi_align backward";
+  check_roi_backward_inputs(grad, rois, channels, pooled_height, pooled_width, op);
   at::globalContext().alertNotDeterministic(
       "maskray::roi_align_backward (CUDA)");
   at::cuda::CUDAGuard device_guard(grad.device());
@@ -236,7 +207,7 @@ at::Tensor roi_align_backward_kernel(
     return grad_input.to(grad.scalar_type());
   }
   // A bad batch index would scatter outside grad_input.
-  check_roi_batch_indices(rois, batch_size, "roi_align backward");
+  check_roi_values_unless_capturing(rois, batch_size, op);
 
   const at::Tensor rois_ = rois.contiguous();
   const int64_t numel = grad.numel();

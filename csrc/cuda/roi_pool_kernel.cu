@@ -1,7 +1,8 @@
 // CUDA RoIPool, forward and backward, with torchvision.ops.roi_pool's
-// semantics. NCHW and channels_last inputs are both read in place through
-// their strides; each thread owns one output element, taken in the output's
-// memory order so that neighbouring threads write neighbouring addresses.
+// semantics. Contiguous and channels_last inputs are read in place through
+// their strides (any other layout is made contiguous first); each thread owns
+// one output element, taken in the output's memory order so that
+// neighbouring threads write neighbouring addresses.
 
 #include "../checks.h"
 #include "../layout.h"
@@ -117,7 +118,7 @@ std::tuple<at::Tensor, at::Tensor> roi_pool_forward_kernel(
     int64_t pooled_height,
     int64_t pooled_width) {
   check_roi_op_inputs(input, rois, pooled_height, pooled_width, "roi_pool");
-  check_roi_batch_indices(rois, input.size(0), "roi_pool");
+  check_roi_values_unless_capturing(rois, input.size(0), "roi_pool");
   const int64_t height = input.size(2);
   const int64_t width = input.size(3);
   check_argmax_range(height, width, "roi_pool");
@@ -162,43 +163,17 @@ at::Tensor roi_pool_backward_kernel(
     const at::Tensor& grad,
     const at::Tensor& rois,
     const at::Tensor& argmax,
-    double spatial_scale,
+    double /*spatial_scale: the argmax already says where*/,
     int64_t pooled_height,
     int64_t pooled_width,
     int64_t batch_size,
     int64_t channels,
     int64_t height,
     int64_t width) {
-  TORCH_CHECK(
-      grad.dim() == 4,
-      "roi_pool backward: grad must be a 4-D tensor (K, C, PH, PW), got ",
-      grad.dim(), "-D with shape ", grad.sizes());
-  TORCH_CHECK(
-      rois.dim() == 2 && rois.size(1) == 5,
-      "roi_pool backward: rois must have shape [K, 5], got ", rois.sizes());
-  TORCH_CHECK(
-      grad.sizes().equals(
-          {rois.size(0), channels, pooled_height, pooled_width}),
-      "roi_pool backward: grad must have shape [K, channels, pooled_height, "
-      "pooled_width] = [",
-      rois.size(0), ", ", channels, ", ", pooled_height, ", ", pooled_width,
-      "], got ", grad.sizes());
-  TORCH_CHECK(
-      argmax.sizes() == grad.sizes(),
-      "roi_pool backward: argmax must have grad's shape ", grad.sizes(),
-      ", got ", argmax.sizes());
-  TORCH_CHECK(
-      argmax.scalar_type() == at::kInt,
-      "roi_pool backward: argmax must be int32, got ", argmax.scalar_type());
-  TORCH_CHECK(
-      grad.device() == rois.device() && grad.device() == argmax.device(),
-      "roi_pool backward: grad, rois and argmax must be on the same device, "
-      "got ", grad.device(), ", ", rois.device(), " and ", argmax.device());
-  TORCH_CHECK(
-      grad.scalar_type() == rois.scalar_type(),
-      "roi_pool backward: grad and rois must have the same dtype, got ",
-      grad.scalar_type(), " and ", rois.scalar_type());
-  check_argmax_range(height, width, "roi_pool backward");
+  const char* op = "roi_pool backward";
+  check_roi_backward_inputs(grad, rois, channels, pooled_height, pooled_width, op);
+  check_roi_pool_argmax(argmax, grad, op);
+  check_argmax_range(height, width, op);
   at::globalContext().alertNotDeterministic(
       "maskray::roi_pool_backward (CUDA)");
   at::cuda::CUDAGuard device_guard(grad.device());
@@ -210,7 +185,7 @@ at::Tensor roi_pool_backward_kernel(
     return grad_input.to(grad.scalar_type());
   }
   // A bad batch index would scatter outside grad_input.
-  check_roi_batch_indices(rois, batch_size, "roi_pool backward");
+  check_roi_values_unless_capturing(rois, batch_size, op);
 
   const at::Tensor rois_ = rois.contiguous();
   const int64_t numel = grad.numel();

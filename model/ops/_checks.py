@@ -56,7 +56,7 @@ def rois_from_boxes(boxes: Tensor | Sequence[Tensor], input: Tensor, op: str) ->
 
 
 def layout_of(t: Tensor) -> torch.memory_format:
-    """The layout rule of the kernels (csrc/checks.h): channels_last stays channels_last."""
+    """The layout rule of the kernels (csrc/layout.h): channels_last stays channels_last."""
     if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
