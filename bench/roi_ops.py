@@ -1,13 +1,16 @@
 """RoIAlign / RoIPool: maskray's compiled ops against torchvision's, same inputs, one run.
 
 The workload is Mask R-CNN's: a 2x256x200x272 feature (stride 4 of two 800x1088 images),
-512 boxes of mixed sizes, 7x7 (box head) and 14x14 (mask head) outputs, sampling_ratio 2,
-aligned=True. For each torch thread count, each op and each direction it prints the median
-time of several runs and the ratio torchvision / maskray (above 1: maskray is faster).
+512 boxes, 7x7 (box head) and 14x14 (mask head) outputs, sampling_ratio 2, aligned=True.
+Box sides are log-uniform over a range: `proposals` (16-512 px, the spread of RPN proposals)
+or `p2` (16-112 px, the boxes an FPN actually pools from this stride-4 level). For each torch
+thread count, each op and each direction it prints the median time of several runs and the
+ratio torchvision / maskray (above 1: maskray is faster).
 
-    python bench/roi_ops.py                 # the table recorded in BENCHMARKS.md
-    python bench/roi_ops.py --repeats 3     # quicker
-    python bench/roi_ops.py --channels-last # both ops given a channels_last feature
+    python bench/roi_ops.py                  # proposal-sized boxes, contiguous feature
+    python bench/roi_ops.py --boxes p2       # P2-sized boxes
+    python bench/roi_ops.py --channels-last  # both ops given a channels_last feature
+    python bench/roi_ops.py --repeats 3      # quicker
 """
 
 import argparse
@@ -21,15 +24,18 @@ import torchvision
 import model.ops as ours
 
 
-def make_inputs(seed: int = 0, channels_last: bool = False):
+BOX_SIDES = {"proposals": (16.0, 512.0), "p2": (16.0, 112.0)}  # px, log-uniform
+
+
+def make_inputs(seed: int = 0, channels_last: bool = False, boxes: str = "proposals"):
     generator = torch.Generator().manual_seed(seed)
     feature = torch.randn(2, 256, 200, 272, generator=generator)
     if channels_last:
         feature = feature.contiguous(memory_format=torch.channels_last)
     image_h, image_w = 800.0, 1088.0
-    # Box sides log-uniform in [16, 512] px, centres uniform: the spread of RPN proposals.
     count = 512
-    sides = torch.exp(torch.empty(count, 2).uniform_(torch.log(torch.tensor(16.0)), torch.log(torch.tensor(512.0)), generator=generator))
+    low, high = (torch.log(torch.tensor(side)).item() for side in BOX_SIDES[boxes])
+    sides = torch.exp(torch.empty(count, 2).uniform_(low, high, generator=generator))
     centres = torch.rand(count, 2, generator=generator) * torch.tensor([image_w, image_h])
     boxes = torch.cat([centres - sides / 2, centres + sides / 2], dim=1)
     boxes[:, 0::2] = boxes[:, 0::2].clamp(0, image_w)
@@ -89,13 +95,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch thread counts to run")
     parser.add_argument("--sizes", type=int, nargs="+", default=[7, 14], help="output sizes")
     parser.add_argument("--channels-last", action="store_true", help="give both ops a channels_last feature")
+    parser.add_argument("--boxes", choices=sorted(BOX_SIDES), default="proposals", help="box sizes (see above)")
     args = parser.parse_args()
 
-    feature, rois = make_inputs(channels_last=args.channels_last)
+    feature, rois = make_inputs(channels_last=args.channels_last, boxes=args.boxes)
     layout = "channels_last" if args.channels_last else "contiguous"
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, {platform.processor() or platform.machine()}")
-    print(f"feature {tuple(feature.shape)} {layout}, {len(rois)} boxes, sampling_ratio 2, aligned=True, "
-          f"median of {args.repeats}")
+    low, high = BOX_SIDES[args.boxes]
+    print(f"feature {tuple(feature.shape)} {layout}, {len(rois)} {args.boxes} boxes ({low:.0f}-{high:.0f} px), "
+          f"sampling_ratio 2, aligned=True, median of {args.repeats}")
     print(f"{'case':<20} {'out':>5} {'threads':>7} {'torchvision ms':>15} {'maskray ms':>11} {'ratio':>7}")
     for threads in args.threads:
         torch.set_num_threads(threads)
