@@ -257,18 +257,10 @@ def error_cases(op: RoiOp) -> list:
     def raw(spoil=lambda x, r: (x, r), size=(2, 2)):
         return lambda x, r: op.raw(*op.raw_args(*spoil(x, r), 1.0, size))
 
-    def index(value):
+    def spoiled(column, value):  # roi 1 with `value` in `column` (0: batch index, 1-4: corners)
         def call(x, r):
             r = r.clone()
-            r[1, 0] = value
-            return op.ours(x, r, 2)
-
-        return call
-
-    def corner(value):
-        def call(x, r):
-            r = r.clone()
-            r[1, 3] = value
+            r[1, column] = value
             return op.ours(x, r, 2)
 
         return call
@@ -287,12 +279,12 @@ def error_cases(op: RoiOp) -> list:
         "boxes_other_device": (lambda x, r: op.ours(x, r.to("meta"), 2), ValueError, "boxes are on meta but input is on"),
         "rois_float64": (lambda x, r: op.ours(x, r.double(), 2), RuntimeError, "must have the same dtype"),
         "rois_list_float16": (lambda x, r: op.ours(x, [r[:1, 1:].half()] * 2, 2), RuntimeError, "must have the same dtype"),
-        "batch_index_5": (index(5.0), RuntimeError, r"rois\[1, 0\] = 5 is not a batch index"),
-        "batch_index_negative": (index(-1.0), RuntimeError, "is not a batch index"),
-        "batch_index_fraction": (index(0.5), RuntimeError, "is not a batch index"),
-        "batch_index_nan": (index(float("nan")), RuntimeError, "= nan is not a batch index"),
-        "corner_inf": (corner(float("inf")), RuntimeError, r"rois\[1\] = .* has a corner that is not finite"),
-        "corner_nan": (corner(float("nan")), RuntimeError, "has a corner that is not finite"),
+        "batch_index_5": (spoiled(0, 5.0), RuntimeError, r"rois\[1, 0\] = 5 is not a batch index"),
+        "batch_index_negative": (spoiled(0, -1.0), RuntimeError, "is not a batch index"),
+        "batch_index_fraction": (spoiled(0, 0.5), RuntimeError, "is not a batch index"),
+        "batch_index_nan": (spoiled(0, float("nan")), RuntimeError, "= nan is not a batch index"),
+        "corner_inf": (spoiled(3, float("inf")), RuntimeError, r"rois\[1\] = .* has a corner that is not finite"),
+        "corner_nan": (spoiled(3, float("nan")), RuntimeError, "has a corner that is not finite"),
         "integer_input": (raw(lambda x, r: (x.long(), r.long())), RuntimeError, "must be a floating point tensor"),
         "raw_input_3d": (raw(lambda x, r: (x[0], r)), RuntimeError, "input must be a 4-D tensor"),
         "raw_rois_k4": (raw(lambda x, r: (x, r[:, 1:])), RuntimeError, r"rois must have shape \[K, 5\]"),

@@ -1,7 +1,7 @@
 // RoIPool on the CPU: forward and backward, parallel with at::parallel_for,
-// with the same work split as RoIAlign (see roi_align_kernel.cpp): (image,
-// channel block) items for NCHW, (roi, output row) items with a vectorisable
-// channel loop for channels_last, and a backward over (image, channel block)
+// with the same work split as RoIAlign (see roi_align_kernel.cpp): (channel
+// block, image) items for NCHW, (roi, output row) items with a vectorisable
+// channel loop for channels_last, and a backward over (channel block, image)
 // items that needs no atomics and is deterministic.
 
 #include "../checks.h"
