@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from model.ops._checks import output_pair
+from model.ops._checks import output_pair, rois_from_boxes
 from model.ops.roi_align import roi_align
 from model.ops.roi_pool import roi_pool
 
@@ -70,8 +70,7 @@ class _MultiScaleRoIPooler(nn.Module):
         image_size = (max(s[0] for s in image_shapes), max(s[1] for s in image_shapes))
         scales = [infer_scale(level, image_size) for level in levels]
 
-        index = torch.cat([torch.full_like(b[:, :1], i) for i, b in enumerate(boxes)])
-        rois = torch.cat([index, torch.cat(boxes)], dim=1)
+        rois = rois_from_boxes(boxes, levels[0], type(self).__name__)
         if len(levels) == 1:
             return self._pool(levels[0], rois, scales[0])
 
