@@ -1,0 +1,78 @@
+"""The backbone: a ResNet trunk with frozen BatchNorm, and a Feature Pyramid Network on top.
+
+The trunk is a ResNet (model.resnet) without its classifier. The FPN (Lin et
+al. 2017) turns the four stages C2..C5 into P2..P5 of one width with a top-down pathway and
+lateral 1x1 connections, and adds P6 by subsampling P5 for the RPN's largest anchors.
+
+Module names follow torchvision's ``maskrcnn_resnet50_fpn`` (``backbone.body.*``,
+``backbone.fpn.inner_blocks.*``, ...), so its state dicts load unchanged.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.config import MaskRCNNConfig
+from model.resnet import ResNet
+
+# The order in which layers become trainable, deepest first (torchvision's and Detectron2's).
+_TRAINABLE_ORDER = ("layer4", "layer3", "layer2", "layer1", "conv1")
+
+
+class FeaturePyramidNetwork(nn.Module):
+    """P2..P5 from C2..C5, plus P6 ('pool') by stride-2 subsampling of P5."""
+
+    def __init__(self, in_channels: list[int], out_channels: int):
+        super().__init__()
+        # One-element Sequentials keep torchvision's key names (inner_blocks.0.0.weight).
+        self.inner_blocks = nn.ModuleList(nn.Sequential(nn.Conv2d(c, out_channels, 1)) for c in in_channels)
+        self.layer_blocks = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(out_channels, out_channels, 3, padding=1)) for _ in in_channels
+        )
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_uniform_(module.weight, a=1)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, stages: dict[str, Tensor]) -> OrderedDict[str, Tensor]:
+        names = list(stages)
+        inputs = list(stages.values())
+        top_down = self.inner_blocks[-1](inputs[-1])
+        outputs = [self.layer_blocks[-1](top_down)]
+        for level in range(len(inputs) - 2, -1, -1):
+            lateral = self.inner_blocks[level](inputs[level])
+            # Nearest upsampling to the lateral's exact size (odd sizes do not double evenly).
+            top_down = lateral + F.interpolate(top_down, size=lateral.shape[-2:], mode="nearest")
+            outputs.insert(0, self.layer_blocks[level](top_down))
+        # P6 for the largest anchors: a 1x1 max pool with stride 2 is plain subsampling.
+        outputs.append(F.max_pool2d(outputs[-1], kernel_size=1, stride=2, padding=0))
+        return OrderedDict(zip(names + ["pool"], outputs))
+
+
+class BackboneWithFPN(nn.Module):
+    """``body`` (ResNet) then ``fpn``; ``out_channels`` is the width of every level."""
+
+    def __init__(self, body: ResNet, fpn: FeaturePyramidNetwork, out_channels: int):
+        super().__init__()
+        self.body = body
+        self.fpn = fpn
+        self.out_channels = out_channels
+
+    def forward(self, images: Tensor) -> OrderedDict[str, Tensor]:
+        return self.fpn(self.body(images))
+
+
+def build_backbone(config: MaskRCNNConfig) -> BackboneWithFPN:
+    """The ResNet-FPN of ``config``: randomly initialised, its first layers frozen."""
+    body = ResNet(config.backbone, fold_batchnorm=config.fold_batchnorm)
+    trainable = _TRAINABLE_ORDER[: config.trainable_backbone_layers]
+    if config.trainable_backbone_layers == 5:
+        trainable = trainable + ("bn1",)
+    for name, parameter in body.named_parameters():
+        if not name.startswith(trainable):
+            parameter.requires_grad_(False)
+    fpn = FeaturePyramidNetwork(body.stage_channels, config.fpn_channels)
+    return BackboneWithFPN(body, fpn, config.fpn_channels)

@@ -1,0 +1,168 @@
+"""Mask R-CNN (He et al. 2017): the paper's figure as code.
+
+    images -> transform -> backbone (ResNet-FPN) -> RPN proposals -> RoI heads -> postprocess
+
+In training, ``model(images, targets)`` returns the losses; at inference, ``model(images)``
+returns per image the boxes, labels, scores, and masks as COCO RLE, encoded straight from each
+mask's box without a full-image dense mask.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+from torch import Tensor, nn
+
+from model.backbone import build_backbone
+from model.config import MaskRCNNConfig
+from model.postprocess import paste_masks_to_rle
+from model.roi_heads import RoIHeads
+from model.rpn import RegionProposalNetwork
+from model.transform import ImageTransform, check_images, resize_boxes
+
+LOSS_NAMES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
+
+
+def check_targets(targets: object, images: list[Tensor], with_masks: bool) -> list[dict[str, Tensor]]:
+    """Targets for training, one dict per image, or a ValueError that says which is wrong."""
+    if not isinstance(targets, (list, tuple)) or len(targets) != len(images):
+        raise ValueError(f"targets must be a list of {len(images)} dicts, one per image, got {type(targets).__name__}")
+    for i, (target, image) in enumerate(zip(targets, images)):
+        needed = ("boxes", "labels", "masks") if with_masks else ("boxes", "labels")
+        missing = [k for k in needed if k not in target]
+        if missing:
+            raise ValueError(f"targets[{i}] lacks {missing}")
+        boxes, labels = target["boxes"], target["labels"]
+        if boxes.dim() != 2 or boxes.shape[-1] != 4 or not boxes.is_floating_point():
+            raise ValueError(f"targets[{i}]['boxes'] must be a float Tensor[N, 4], got {boxes.dtype} {tuple(boxes.shape)}")
+        if labels.shape != (boxes.shape[0],) or labels.dtype != torch.int64:
+            raise ValueError(f"targets[{i}]['labels'] must be an int64 Tensor[{boxes.shape[0]}], got {labels.dtype} {tuple(labels.shape)}")
+        degenerate = torch.where((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1]))[0]
+        if degenerate.numel() > 0:
+            j = int(degenerate[0])
+            raise ValueError(f"targets[{i}]['boxes'][{j}] = {boxes[j].tolist()} has no width or height")
+        if with_masks:
+            masks = target["masks"]
+            expected = (boxes.shape[0], image.shape[-2], image.shape[-1])
+            if tuple(masks.shape) != expected:
+                raise ValueError(f"targets[{i}]['masks'] must have shape {expected} (N x H x W), got {tuple(masks.shape)}")
+    return list(targets)
+
+
+class MaskRCNN(nn.Module):
+    """Mask R-CNN built from a :class:`MaskRCNNConfig`; with ``config.mask=False``, Faster R-CNN."""
+
+    def __init__(self, config: MaskRCNNConfig | None = None):
+        super().__init__()
+        self.config = config if config is not None else MaskRCNNConfig.resnet50_fpn()
+        self.transform = ImageTransform.from_config(self.config)
+        self.backbone = build_backbone(self.config)
+        self.rpn = RegionProposalNetwork.from_config(self.config, self.backbone.out_channels)
+        self.roi_heads = RoIHeads.from_config(self.config, self.backbone.out_channels)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.config.class_names
+
+    def forward(
+        self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
+    ) -> dict[str, Tensor] | list[dict[str, Any]]:
+        """Training: the dict of losses. Inference: per image a dict of ``boxes`` (xyxy pixels of
+        the original image), ``labels``, ``scores``, and with the mask head ``masks`` (COCO RLE
+        dicts) and ``areas`` (mask pixels; box areas without the mask head)."""
+        images = check_images(images)
+        if self.training:
+            if targets is None:
+                raise ValueError("targets are needed in training mode (call model.eval() for inference)")
+            targets = check_targets(targets, images, with_masks=self.roi_heads.has_mask)
+            return self.losses(images, targets)
+        # Inference outputs are boxes and RLE strings: no autograd, and no autograd bookkeeping.
+        with torch.inference_mode(), self._autocast(images[0].device):
+            return self.detect(images)
+
+    def losses(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        batch, sizes, targets = self.transform(images, targets)
+        features = self.backbone(batch)
+        proposals, rpn_losses = self.rpn(list(features.values()), tuple(batch.shape[-2:]), sizes, targets)
+        _, head_losses = self.roi_heads(features, proposals, sizes, targets)
+        return {**head_losses, **rpn_losses}
+
+    def detect(self, images: list[Tensor]) -> list[dict[str, Any]]:
+        original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        batch, sizes, _ = self.transform(images)
+        if self.config.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        features = self.backbone(batch)
+        proposals, _ = self.rpn(list(features.values()), tuple(batch.shape[-2:]), sizes)
+        detections, _ = self.roi_heads(features, proposals, sizes)
+        return [self._to_original(d, size, original) for d, size, original in zip(detections, sizes, original_sizes)]
+
+    def _to_original(self, detection: dict[str, Tensor], size: tuple[int, int], original: tuple[int, int]) -> dict[str, Any]:
+        boxes = resize_boxes(detection["boxes"], size, original)
+        result: dict[str, Any] = {"boxes": boxes, "labels": detection["labels"], "scores": detection["scores"]}
+        if "mask_probs" in detection:
+            result["masks"], result["areas"] = paste_masks_to_rle(
+                detection["mask_probs"], boxes, original, self.config.mask_threshold
+            )
+        else:
+            result["areas"] = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        return result
+
+    def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        if device.type == "cuda" and self.config.cuda_autocast:
+            return torch.autocast("cuda", dtype=getattr(torch, self.config.cuda_autocast))
+        return contextlib.nullcontext()
+
+    def to_inference_layout(self) -> MaskRCNN:
+        """Convolution weights in the layout ``config.channels_last`` asks for; returns self."""
+        if self.config.channels_last:
+            self.to(memory_format=torch.channels_last)
+        return self
+
+    # weights -----------------------------------------------------------------------------
+
+    @classmethod
+    def from_torchvision(
+        cls, state_dict_or_path: dict[str, Tensor] | str | Path | BinaryIO, config: MaskRCNNConfig | None = None
+    ) -> MaskRCNN:
+        """A model holding the weights of torchvision's ``maskrcnn_resnet50_fpn``.
+
+        Takes a state dict or a file of one (the public COCO_V1 checkpoint, or
+        ``torch.save(model.state_dict())`` of any torchvision Mask R-CNN ResNet-50-FPN); the
+        number of classes is read from the weights. COCO's class names are used when there are
+        91 classes. Loaded with ``weights_only=True``.
+        """
+        from model.checkpoint import read_torchvision_state_dict
+
+        state_dict = read_torchvision_state_dict(state_dict_or_path)
+        if config is None:
+            num_classes = state_dict["roi_heads.box_predictor.cls_score.weight"].shape[0]
+            has_mask = "roi_heads.mask_predictor.mask_fcn_logits.weight" in state_dict
+            config = MaskRCNNConfig.resnet50_fpn(num_classes, _coco_names(num_classes), mask=has_mask)
+        model = cls(config)
+        model.load_state_dict(state_dict)
+        return model.eval().to_inference_layout()
+
+    def save(self, path: str | Path | BinaryIO, **extra: Any) -> None:
+        """One file with config, class names, weights and versions (see model.checkpoint)."""
+        from model.checkpoint import save_checkpoint
+
+        save_checkpoint(self, path, **extra)
+
+    @classmethod
+    def load(cls, path: str | Path | BinaryIO, map_location: str | torch.device = "cpu") -> MaskRCNN:
+        """A model from :meth:`save`'s file, in eval mode; read with ``weights_only=True``."""
+        from model.checkpoint import load_checkpoint
+
+        return load_checkpoint(path, map_location=map_location)
+
+
+def _coco_names(num_classes: int) -> tuple[str, ...]:
+    if num_classes != 91:
+        return ()
+    from torchvision.models._meta import _COCO_CATEGORIES
+
+    return tuple("__background__" if i == 0 else name for i, name in enumerate(_COCO_CATEGORIES))
