@@ -24,6 +24,7 @@ class BoxCoder:
 
     def encode(self, boxes: Tensor, references: Tensor) -> Tensor:
         """Deltas Tensor[N, 4] that turn ``references`` [N, 4] into ``boxes`` [N, 4]."""
+        boxes, references = _at_least_float32(boxes), _at_least_float32(references)
         wx, wy, ww, wh = (torch.tensor(w, dtype=boxes.dtype, device=boxes.device) for w in self.weights)
         ref_w = references[:, 2:3] - references[:, 0:1]
         ref_h = references[:, 3:4] - references[:, 1:2]
@@ -41,6 +42,8 @@ class BoxCoder:
 
     def decode(self, deltas: Tensor, references: Tensor) -> Tensor:
         """Boxes from ``deltas`` [N, 4k] applied to ``references`` [N, 4]; returns [N, k, 4]."""
+        # Under autocast the deltas may be float16, whose spacing at 1000 px is half a pixel.
+        deltas = _at_least_float32(deltas)
         references = references.to(deltas.dtype)
         ref_w = references[:, 2] - references[:, 0]
         ref_h = references[:, 3] - references[:, 1]
@@ -58,3 +61,7 @@ class BoxCoder:
         half_w = 0.5 * (torch.exp(dw) * ref_w[:, None])
         half_h = 0.5 * (torch.exp(dh) * ref_h[:, None])
         return torch.stack((centre_x - half_w, centre_y - half_h, centre_x + half_w, centre_y + half_h), dim=2)
+
+
+def _at_least_float32(x: Tensor) -> Tensor:
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()

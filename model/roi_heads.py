@@ -205,7 +205,7 @@ class RoIHeads(nn.Module):
         num_classes = class_logits.shape[-1]
         counts = [p.shape[0] for p in proposals]
         boxes_all = self.box_coder.decode(box_deltas, torch.cat(proposals))
-        scores_all = F.softmax(class_logits, -1)
+        scores_all = F.softmax(class_logits.float(), -1)
         detections = []
         for boxes, scores, image_size in zip(boxes_all.split(counts), scores_all.split(counts), image_sizes):
             boxes = clip_boxes_to_image(boxes, image_size)
