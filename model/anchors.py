@@ -35,7 +35,8 @@ class AnchorGenerator(nn.Module):
 
     def grid_anchors(self, image_size: tuple[int, int], grid_sizes: list[tuple[int, int]], dtype: torch.dtype, device: torch.device) -> list[Tensor]:
         """Per level, Tensor[H*W*A, 4] of anchors over an image batch of ``image_size``."""
-        key = (tuple(image_size), tuple(grid_sizes), dtype, device)
+        # Anchors made under inference_mode are inference tensors, which autograd must not see.
+        key = (tuple(image_size), tuple(grid_sizes), dtype, device, torch.is_inference_mode_enabled())
         if key not in self._cache:
             levels = []
             for size, (grid_h, grid_w) in zip(self.sizes, grid_sizes):
