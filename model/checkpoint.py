@@ -46,7 +46,8 @@ def versions() -> dict[str, str]:
         maskray = version("maskray")
     except PackageNotFoundError:
         maskray = "unknown"
-    return {"maskray": maskray, "torch": torch.__version__, "torchvision": torchvision.__version__}
+    # str(): torch.__version__ is a TorchVersion, which weights_only loading refuses.
+    return {"maskray": str(maskray), "torch": str(torch.__version__), "torchvision": str(torchvision.__version__)}
 
 
 def save_checkpoint(model: MaskRCNN, path: str | Path | BinaryIO, **extra: Any) -> None:

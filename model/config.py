@@ -10,7 +10,7 @@ checkpoint that ``torch.load(weights_only=True)`` can read back.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
@@ -87,8 +87,6 @@ class MaskRCNNConfig:
     fold_batchnorm: bool = True
     cuda_autocast: str | None = "float16"
 
-    extra: dict[str, Any] = field(default_factory=dict)
-
     def __post_init__(self) -> None:
         # Lists from JSON or a checkpoint become tuples, so configs compare and hash alike.
         for f in dataclasses.fields(self):
@@ -113,8 +111,22 @@ class MaskRCNNConfig:
             fail("trainable_backbone_layers", "must be in [0, 5]")
         if self.pooler not in POOLERS:
             fail("pooler", f"must be one of {POOLERS}")
-        if not self.min_size or min(self.min_size) <= 0 or self.max_size <= 0:
-            fail("min_size", "min_size and max_size must be positive")
+        if not self.min_size or min(self.min_size) <= 0:
+            fail("min_size", "needs at least one size, all positive")
+        if self.max_size <= 0:
+            fail("max_size", "must be positive")
+        if self.size_divisible <= 0:
+            fail("size_divisible", "must be positive")
+        if len(self.image_std) != 3 or min(abs(s) for s in self.image_std) == 0:
+            fail("image_std", "needs three non-zero values")
+        if not self.aspect_ratios or min(self.aspect_ratios) <= 0:
+            fail("aspect_ratios", "needs at least one ratio, all positive")
+        for name in ("fpn_channels", "representation_size", "mask_head_channels", "box_detections_per_img"):
+            if getattr(self, name) <= 0:
+                fail(name, "must be positive")
+        for name in ("rpn_positive_fraction", "box_positive_fraction"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                fail(name, "must be in (0, 1]")
         if len(self.anchor_sizes) != 5:
             fail("anchor_sizes", "needs one size per FPN level (P2-P6), five")
         for name in ("box_score_thresh", "box_nms_thresh", "rpn_nms_thresh", "mask_threshold"):

@@ -26,7 +26,7 @@ from model.transform import ImageTransform, check_images, resize_boxes
 LOSS_NAMES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 
 
-def check_targets(targets: object, images: list[Tensor], with_masks: bool) -> list[dict[str, Tensor]]:
+def check_targets(targets: object, images: list[Tensor], with_masks: bool, num_classes: int) -> list[dict[str, Tensor]]:
     """Targets for training, one dict per image, or a ValueError that says which is wrong."""
     if not isinstance(targets, (list, tuple)) or len(targets) != len(images):
         raise ValueError(f"targets must be a list of {len(images)} dicts, one per image, got {type(targets).__name__}")
@@ -40,6 +40,14 @@ def check_targets(targets: object, images: list[Tensor], with_masks: bool) -> li
             raise ValueError(f"targets[{i}]['boxes'] must be a float Tensor[N, 4], got {boxes.dtype} {tuple(boxes.shape)}")
         if labels.shape != (boxes.shape[0],) or labels.dtype != torch.int64:
             raise ValueError(f"targets[{i}]['labels'] must be an int64 Tensor[{boxes.shape[0]}], got {labels.dtype} {tuple(labels.shape)}")
+        if not torch.isfinite(boxes).all():
+            raise ValueError(f"targets[{i}]['boxes'] has NaN or infinite coordinates")
+        outside = torch.where((labels < 1) | (labels >= num_classes))[0]
+        if outside.numel() > 0:
+            j = int(outside[0])
+            raise ValueError(
+                f"targets[{i}]['labels'][{j}] = {int(labels[j])} is not a class: labels are 1..{num_classes - 1} (0 is background)"
+            )
         degenerate = torch.where((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1]))[0]
         if degenerate.numel() > 0:
             j = int(degenerate[0])
@@ -77,7 +85,7 @@ class MaskRCNN(nn.Module):
         if self.training:
             if targets is None:
                 raise ValueError("targets are needed in training mode (call model.eval() for inference)")
-            targets = check_targets(targets, images, with_masks=self.roi_heads.has_mask)
+            targets = check_targets(targets, images, self.roi_heads.has_mask, self.config.num_classes)
             return self.losses(images, targets)
         # Inference outputs are boxes and RLE strings: no autograd, and no autograd bookkeeping.
         with torch.inference_mode(), self._autocast(images[0].device):

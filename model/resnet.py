@@ -59,8 +59,15 @@ class FrozenBatchNorm2d(nn.Module):
         scale, shift = self.scale_and_shift()
         return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
 
+    def train(self, mode: bool = True) -> FrozenBatchNorm2d:
+        # Writes through .data bypass the version counters the cache checks; a mode switch
+        # (model.eval() after loading or editing weights) always starts afresh.
+        self._folded = None
+        return super().train(mode)
+
     def folded_into(self, conv: nn.Conv2d) -> tuple[Tensor, Tensor]:
-        """(weight, bias) of the conv that equals ``self(conv(x))``, cached until a tensor changes."""
+        """(weight, bias) of the conv that equals ``self(conv(x))``, cached until a tensor changes
+        (in place, by an optimiser or ``load_state_dict``) or the module's mode is set."""
         tensors = (conv.weight, self.weight, self.bias, self.running_mean, self.running_var)
         # _version counts in-place writes (optimiser steps, load_state_dict); data_ptr catches .to().
         key = tuple((t._version, t.data_ptr(), t.dtype) for t in tensors)

@@ -71,8 +71,8 @@ class ImageTransform(nn.Module):
         return cls(config.min_size, config.max_size, config.image_mean, config.image_std, config.size_divisible)
 
     def normalize(self, image: Tensor, dtype: torch.dtype) -> Tensor:
-        if image.dtype == torch.uint8:
-            image = image.to(dtype) / 255
+        # uint8 is 0-255; float images of any precision are taken as [0, 1] in the model's dtype.
+        image = image.to(dtype) / 255 if image.dtype == torch.uint8 else image.to(dtype)
         mean = torch.as_tensor(self.image_mean, dtype=image.dtype, device=image.device)
         std = torch.as_tensor(self.image_std, dtype=image.dtype, device=image.device)
         return (image - mean[:, None, None]) / std[:, None, None]
