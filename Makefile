@@ -32,6 +32,7 @@ test: setup
 
 bench: setup
 	$(BIN)/python bench/roi_ops.py
+	$(BIN)/python bench/model.py --light
 
 # Compile-only check of the CUDA kernels (needs nvcc, not a GPU).
 cuda-check: setup
