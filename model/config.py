@@ -172,11 +172,7 @@ class MaskRCNNConfig:
         """Plain data for checkpoints and manifests (tuples become lists)."""
 
         def plain(value: Any) -> Any:
-            if isinstance(value, tuple):
-                return [plain(v) for v in value]
-            if isinstance(value, dict):
-                return {k: plain(v) for k, v in value.items()}
-            return value
+            return [plain(v) for v in value] if isinstance(value, tuple) else value
 
         return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 

@@ -126,7 +126,9 @@ class RegionProposalNetwork(nn.Module):
 
         objectness = torch.cat([_flatten_by_anchor(level, 1) for level in logits_per_level], dim=1).flatten(0, -2)
         deltas = torch.cat([_flatten_by_anchor(level, 4) for level in deltas_per_level], dim=1).reshape(-1, 4)
-        proposals = self.box_coder.decode(deltas.detach(), anchors.repeat(num_images, 1)).view(num_images, -1, 4)
+        # Every image of the batch has the same anchors (they tile the padded batch).
+        batch_anchors = anchors.repeat(num_images, 1)
+        proposals = self.box_coder.decode(deltas.detach(), batch_anchors).view(num_images, -1, 4)
         boxes = self.select_proposals(proposals, objectness.detach().view(num_images, -1), image_sizes, anchors_per_level_count)
 
         losses: dict[str, Tensor] = {}
@@ -134,7 +136,7 @@ class RegionProposalNetwork(nn.Module):
             if targets is None:
                 raise ValueError("RegionProposalNetwork: targets are needed in training mode")
             labels, matched_boxes = self.label_anchors(anchors, targets)
-            regression_targets = self.box_coder.encode(torch.cat(matched_boxes), anchors.repeat(num_images, 1))
+            regression_targets = self.box_coder.encode(torch.cat(matched_boxes), batch_anchors)
             objectness_loss, box_loss = rpn_losses(
                 objectness, deltas, labels, regression_targets, self.sampler
             )
