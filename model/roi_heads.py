@@ -12,11 +12,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import batched_nms
+from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
 
 from model.box_coder import BoxCoder
 from model.box_head import BoxHead, BoxPredictor
-from model.boxes import box_iou, clip_boxes_to_image, remove_small_boxes
 from model.config import MaskRCNNConfig
 from model.losses import fast_rcnn_losses, mask_loss
 from model.mask_head import MaskHead, MaskPredictor

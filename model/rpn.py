@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import batched_nms
+from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
 
 from model.anchors import AnchorGenerator
 from model.box_coder import BoxCoder
-from model.boxes import box_iou, clip_boxes_to_image, remove_small_boxes
 from model.config import MaskRCNNConfig
 from model.losses import rpn_losses
 from model.matcher import Matcher

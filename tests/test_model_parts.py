@@ -44,7 +44,6 @@ from model.anchors import AnchorGenerator
 from model.backbone import FeaturePyramidNetwork, build_backbone
 from model.box_coder import BoxCoder
 from model.box_head import BoxHead, BoxPredictor
-from model.boxes import box_iou, clip_boxes_to_image, remove_small_boxes
 from model.losses import fast_rcnn_losses, mask_loss, rpn_losses
 from model.mask_head import MaskPredictor
 from model.matcher import Matcher
@@ -583,42 +582,6 @@ def test_sampler_draws_as_torchvision_does():
     torch.manual_seed(100)
     other, _ = BalancedSampler(256, 0.5)(labels)
     assert not torch.equal(other[0], positives[0])
-
-
-# ------------------------------------------------------------------------------------------
-# Box utilities
-
-
-def test_box_iou_equals_torchvisions():
-    generator = torch.Generator().manual_seed(17)
-    a = random_boxes(40, 100, 120, generator)
-    b = torch.cat([random_boxes(60, 100, 120, generator), a[:5], a[:5] + 200])  # equal and disjoint boxes
-    iou = box_iou(a, b)
-    assert iou.shape == (40, 70)
-    assert torch.equal(iou, torchvision.ops.box_iou(a, b))
-    assert torch.allclose(iou[torch.arange(5), 60 + torch.arange(5)], torch.ones(5))  # a box and itself
-    assert (iou[:5, 65:] == 0).all()  # far apart
-
-
-@pytest.mark.parametrize("shape", [(50, 4), (20, 3, 4)])
-def test_clip_boxes_equals_torchvisions(shape):
-    generator = torch.Generator().manual_seed(18)
-    boxes = torch.randn(shape, generator=generator) * 150 + 40
-    clipped = clip_boxes_to_image(boxes, (60, 90))
-    assert clipped.shape == boxes.shape
-    assert torch.equal(clipped, torchvision.ops.clip_boxes_to_image(boxes, (60, 90)))
-    assert (clipped[..., 0::2] <= 90).all() and (clipped[..., 1::2] <= 60).all() and (clipped >= 0).all()
-
-
-@pytest.mark.parametrize("min_size", [1e-3, 1e-2, 2.0])
-def test_remove_small_boxes_equals_torchvisions(min_size):
-    generator = torch.Generator().manual_seed(19)
-    boxes = random_boxes(100, 50, 50, generator, min_side=0.0)
-    boxes[:10, 2] = boxes[:10, 0]  # zero width
-    boxes[10:20, 3] = boxes[10:20, 1] + min_size  # exactly min_size high: kept
-    keep = remove_small_boxes(boxes, min_size)
-    assert torch.equal(keep, torchvision.ops.remove_small_boxes(boxes, min_size))
-    assert not set(range(10)) & set(keep.tolist())
 
 
 # ------------------------------------------------------------------------------------------
