@@ -11,6 +11,9 @@ import sys
 
 # name -> (module in jobs/, one-line help). Each module has add_arguments(parser) and run(args) -> int.
 SUBCOMMANDS = {
+    "segment": ("jobs.segment", "segment the images of a bucket or folder into Parquet (resumable)"),
+    "query": ("jobs.query", "run SQL (DuckDB) over a segmentation output: views instances, images"),
+    "show": ("jobs.show", "draw an image's masks, boxes, labels and scores into a PNG"),
     "selfcheck": ("jobs.selfcheck", "check the compiled RoI operators against torchvision"),
 }
 

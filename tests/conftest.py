@@ -503,3 +503,7 @@ class RoiOpContract:
         rois = torch.tensor([[0.0, 1, 1, 5, 5], [1.0, 0, 2, 6, 7]], device=self.device)
         with pytest.raises(error, match=match):
             bad_call(x, rois)
+
+
+# Real services (loopback S3 server, local Ray): tests/services.py.
+from tests.services import ray_cluster, ray_local, s3, s3_server  # noqa: E402, F401

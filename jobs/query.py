@@ -1,0 +1,45 @@
+"""``maskray query OUTPUT "SQL"``: DuckDB over a segmentation output, with the views
+``instances`` (one row per instance) and ``images`` (one row per input image)."""
+
+import argparse
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from jobs.segment import add_storage_options_argument
+
+    parser.add_argument("output", metavar="OUTPUT", help="a segmentation output (any fsspec URL)")
+    parser.add_argument("sql", metavar="SQL", help='e.g. "SELECT label_name, count(*) FROM instances GROUP BY 1"')
+    parser.add_argument("--max-rows", type=int, default=50, help="rows to print at most (default 50)")
+    parser.add_argument("--csv", action="store_true", help="print all rows as CSV instead of a table")
+    add_storage_options_argument(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    import duckdb
+
+    from pipeline.query import connect
+
+    try:
+        con = connect(args.output, args.storage_options)
+        relation = con.sql(args.sql)
+    except (duckdb.Error, FileNotFoundError) as error:
+        print(f"maskray query: error: {error}", file=sys.stderr)
+        return 2
+    if relation is None:  # a statement without a result
+        return 0
+    if args.csv:
+        import csv
+
+        writer = csv.writer(sys.stdout)
+        writer.writerow(relation.columns)
+        writer.writerows(relation.fetchall())
+    else:
+        relation.show(max_rows=args.max_rows, max_width=200)
+    return 0
+
+
+if __name__ == "__main__":
+    from jobs.cli import main
+
+    sys.exit(main(["query", *sys.argv[1:]]))

@@ -1,0 +1,35 @@
+"""``maskray show OUTPUT IMAGE -o overlay.png``: an image of a job's output with its masks,
+boxes, labels and scores drawn. IMAGE is the image_uri as stored, or a path or file name that
+ends exactly one of them."""
+
+import argparse
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from jobs.segment import add_storage_options_argument
+
+    parser.add_argument("output", metavar="OUTPUT", help="a segmentation output (any fsspec URL)")
+    parser.add_argument("image", metavar="IMAGE_URI", help="the image: its image_uri, or a unique path suffix or file name")
+    parser.add_argument("-o", "--out", default="overlay.png", help="where to write the PNG (default overlay.png)")
+    parser.add_argument("--min-score", type=float, default=0.0, help="draw only instances scoring at least this")
+    add_storage_options_argument(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipeline.show import render_overlay
+
+    try:
+        picture, count = render_overlay(args.output, args.image, args.storage_options, args.min_score)
+    except (LookupError, ValueError, FileNotFoundError) as error:
+        print(f"maskray show: error: {error.args[0] if error.args else error}", file=sys.stderr)
+        return 2
+    picture.save(args.out)
+    print(f"{args.out}: {count} instances drawn on {args.image} ({picture.width}x{picture.height})")
+    return 0
+
+
+if __name__ == "__main__":
+    from jobs.cli import main
+
+    sys.exit(main(["show", *sys.argv[1:]]))

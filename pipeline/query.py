@@ -1,0 +1,74 @@
+"""Reading a job's output: DuckDB views and pyarrow datasets, local or on object storage.
+
+``connect(OUTPUT)`` gives a DuckDB connection with the views ``instances`` and ``images``
+over the part files; ``open_table(OUTPUT, "instances")`` gives a ``pyarrow.dataset.Dataset``
+for any other Parquet tool. On object storage DuckDB reads through the same fsspec filesystem
+the job wrote with (``register_filesystem``), because DuckDB's own httpfs extension is not in
+its wheel and would be downloaded at run time.
+"""
+
+from collections.abc import Mapping
+from typing import Any
+
+import pyarrow.dataset as ds
+
+from pipeline.storage import full_url, is_local, join, open_url, public_url
+from pipeline.writer import IMAGES, INSTANCES, SCHEMAS
+
+TABLES = (INSTANCES, IMAGES)
+
+
+def _part_files(fs, output: str, table: str) -> list[str]:
+    try:
+        return sorted(p for p in fs.ls(join(output, table), detail=False) if p.endswith(".parquet"))
+    except FileNotFoundError:
+        return []
+
+
+def open_table(output_url: str, table: str, storage_options: Mapping[str, Any] | None = None) -> ds.Dataset:
+    """The ``table`` (``instances`` or ``images``) of a job's output as a pyarrow dataset."""
+    if table not in SCHEMAS:
+        raise ValueError(f"no table {table!r} in a maskray output; there are {TABLES}")
+    fs, output = open_url(output_url, storage_options)
+    return ds.dataset(_part_files(fs, output, table), schema=SCHEMAS[table], format="parquet", filesystem=fs)
+
+
+def connect(output_url: str, storage_options: Mapping[str, Any] | None = None, database: str = ":memory:"):
+    """A DuckDB connection with views ``instances`` and ``images`` over ``output_url``."""
+    import duckdb
+
+    fs, output = open_url(output_url, storage_options)
+    if not fs.exists(output):
+        raise FileNotFoundError(f"{public_url(output_url)}: no such output")
+    con = duckdb.connect(database)
+    if not is_local(fs):
+        con.register_filesystem(fs)
+    for table in TABLES:
+        if _part_files(fs, output, table):
+            # A glob, not a list: the view stays one line for any number of parts, and sees new ones.
+            pattern = join(output, table, "*.parquet")
+            pattern = full_url(fs, pattern) if not is_local(fs) else pattern
+            con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet('{_quote(pattern)}')")
+        else:  # no part yet: an empty view with the table's columns, so queries still run
+            columns = ", ".join(f"CAST(NULL AS {_duckdb_type(f.type)}) AS {f.name}" for f in SCHEMAS[table])
+            con.execute(f"CREATE VIEW {table} AS SELECT {columns} WHERE false")
+    return con
+
+
+def _quote(text: str) -> str:
+    return text.replace("'", "''")
+
+
+def _duckdb_type(arrow_type) -> str:
+    import pyarrow as pa
+
+    return {pa.string(): "VARCHAR", pa.int64(): "BIGINT", pa.int32(): "INTEGER", pa.float32(): "FLOAT"}[arrow_type]
+
+
+def output_totals(output_url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, int]:
+    """images, ok, errors and instances in the output (read from the ``images`` table)."""
+    table = open_table(output_url, IMAGES, storage_options).to_table(columns=["status", "instances"])
+    status = table.column("status").to_pylist()
+    errors = sum(1 for s in status if s == "error")
+    instances = sum(v for v in table.column("instances").to_pylist())
+    return {"images": len(status), "ok": len(status) - errors, "errors": errors, "instances": int(instances)}
