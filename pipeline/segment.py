@@ -81,6 +81,8 @@ class JobSummary:
     failed_shards: dict[int, str]  # shard -> why, for shards that failed every attempt
     seconds: float
     images_run: int  # images processed by this run
+    retries: int = 0  # shards run again because their actor died or their commit failed
+    nodes: frozenset[str] = frozenset()  # Ray node ids whose actors committed shards in this run
 
     @property
     def complete(self) -> bool:
@@ -134,10 +136,9 @@ def _run(job: SegmentJob, started: float) -> JobSummary:
     manifest, plan = _open_or_plan(job, wanted, out_fs, out_path)
     done = finished_shards(out_fs, out_path)
     todo = [s for s in range(plan.num_shards) if s not in done]
-    failed: dict[int, str] = {}
-    images_run = 0
+    run = _RunStats()
     if todo:
-        images_run, failed = _execute(job, weights, manifest, plan, todo, len(done))
+        run = _execute(job, weights, manifest, plan, todo, len(done))
     plan.close()
 
     from pipeline.query import output_totals
@@ -152,10 +153,12 @@ def _run(job: SegmentJob, started: float) -> JobSummary:
         errors=totals["errors"],
         instances=totals["instances"],
         shards=plan.num_shards,
-        shards_run=len(todo) - len(failed),
-        failed_shards=failed,
+        shards_run=len(todo) - len(run.failed),
+        failed_shards=run.failed,
         seconds=time.perf_counter() - started,
-        images_run=images_run,
+        images_run=run.images,
+        retries=run.retries,
+        nodes=frozenset(run.nodes),
     )
 
 
@@ -295,6 +298,14 @@ def _make_board_class():
 
 
 @dataclass
+class _RunStats:
+    images: int = 0
+    failed: dict[int, str] = field(default_factory=dict)
+    retries: int = 0
+    nodes: set[str] = field(default_factory=set)
+
+
+@dataclass
 class _Slot:
     """An actor and the shards it has in flight; ``ready`` once its model is loaded."""
 
@@ -304,7 +315,7 @@ class _Slot:
     shards: dict = field(default_factory=dict)  # ObjectRef -> Shard
 
 
-def _execute(job: SegmentJob, weights, manifest: Manifest, plan: Plan, todo: list[int], already_done: int) -> tuple[int, dict[int, str]]:
+def _execute(job: SegmentJob, weights, manifest: Manifest, plan: Plan, todo: list[int], already_done: int) -> _RunStats:
     import ray
 
     connect_ray(job.address)
@@ -333,7 +344,8 @@ def _execute(job: SegmentJob, weights, manifest: Manifest, plan: Plan, todo: lis
     queue: deque[int] = deque()
     fresh: Iterator[int] = iter(todo)
     attempts: dict[int, int] = {}
-    failed: dict[int, str] = {}
+    stats = _RunStats()
+    failed = stats.failed
     images_done, shards_done = 0, 0
     waiting_since = time.monotonic()
     bar = _progress_bar(job.progress, plan, todo, already_done)
@@ -351,6 +363,7 @@ def _execute(job: SegmentJob, weights, manifest: Manifest, plan: Plan, todo: lis
             log.error("shard %d failed %d times, giving up: %s", shard.index, attempts[shard.index], why)
         else:
             log.warning("shard %d will be retried (%s)", shard.index, why)
+            stats.retries += 1
             queue.append(shard.index)
 
     try:
@@ -409,6 +422,7 @@ def _execute(job: SegmentJob, weights, manifest: Manifest, plan: Plan, todo: lis
                 board.finish.remote(shard.index)
                 images_done += summary["images"]
                 shards_done += 1
+                stats.nodes.add(summary["node"])
                 if bar is not None:
                     bar.set_postfix_str(f"shards {already_done + shards_done}/{plan.num_shards}", refresh=False)
             if bar is not None:
@@ -425,7 +439,8 @@ def _execute(job: SegmentJob, weights, manifest: Manifest, plan: Plan, todo: lis
         for slot in slots:
             ray.kill(slot.actor, no_restart=True)
         ray.kill(board, no_restart=True)
-    return images_done, failed
+    stats.images = images_done
+    return stats
 
 
 def _first_line(error: BaseException) -> str:

@@ -35,7 +35,11 @@ class S3Bucket:
 @pytest.fixture(scope="session")
 def s3_server() -> str:
     """The endpoint URL of a moto S3 server on 127.0.0.1, for the whole session."""
+    import logging
+
     from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()

@@ -1,0 +1,147 @@
+"""Listing, shard plan, part-file commits and the manifest: the pieces that make a job
+deterministic and resumable, on a local folder and on the loopback S3 server."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.listing import list_images
+from pipeline.manifest import Manifest, identity_mismatch
+from pipeline.plan import Plan
+from pipeline.storage import open_url
+from pipeline.writer import (
+    IMAGES_SCHEMA,
+    commit_shard,
+    finished_shards,
+    part_path,
+    table_to_parquet_bytes,
+    write_bytes_atomically,
+)
+
+NAMES = ["b/2.JPG", "a/1.png", "a/0.jpeg", "c.webp", "notes.txt", "d/e/f.tif", "x.gif", "y.bmp", "data.csv"]
+
+
+@pytest.fixture
+def folder(tmp_path):
+    for name in NAMES:
+        (tmp_path / "in" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "in" / name).write_bytes(b"x")
+    return tmp_path / "in"
+
+
+def test_prefix_listing_is_sorted_and_filtered(folder):
+    listing = list_images(str(folder))
+    images = sorted(n for n in NAMES if not n.endswith((".txt", ".csv")))
+    assert listing.uris == [f"file://{folder}/{n}" for n in images]
+    assert listing.skipped == 2
+    assert list_images(str(folder) + "/").uris == listing.uris  # a trailing slash changes nothing
+
+
+def test_glob_listing_takes_what_it_matches(folder):
+    assert list_images(str(folder / "a" / "*")).uris == [f"file://{folder}/a/0.jpeg", f"file://{folder}/a/1.png"]
+    assert list_images(str(folder / "*.txt")).uris == [f"file://{folder}/notes.txt"]  # asked for by name
+
+
+def test_text_and_parquet_listings(folder, tmp_path):
+    (tmp_path / "list.txt").write_text(f"# images\nin/a/1.png\n\n{folder}/c.webp\ns3://bucket/k.jpg\nin/a/1.png\n")
+    expected = [f"file://{folder}/a/1.png", f"file://{folder}/c.webp", "s3://bucket/k.jpg"]
+    assert list_images(str(tmp_path / "list.txt")).uris == sorted(expected)
+    pq.write_table(pa.table({"uri": ["in/a/1.png", f"{folder}/c.webp", "s3://bucket/k.jpg"]}), tmp_path / "list.parquet")
+    assert list_images(str(tmp_path / "list.parquet")).uris == sorted(expected)
+    pq.write_table(pa.table({"name": ["a"]}), tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match="needs a column named one of"):
+        list_images(str(tmp_path / "bad.parquet"))
+
+
+def test_missing_input(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file, directory or prefix"):
+        list_images(str(tmp_path / "absent"))
+
+
+def test_listing_on_s3(s3):
+    fs = s3.filesystem()
+    for name in ["p/2.jpg", "p/1.png", "p/sub/3.jpg", "p/readme.md", "other/4.jpg"]:
+        fs.pipe(f"{s3.name}/{name}", b"x")
+    listing = list_images(s3.url("p"), s3.storage_options)
+    assert listing.uris == [s3.url("p/1.png"), s3.url("p/2.jpg"), s3.url("p/sub/3.jpg")]
+    assert listing.skipped == 1
+
+
+@pytest.mark.parametrize("count, shard_size", [(10, 3), (9, 3), (1, 5), (7, 1)])
+def test_plan_shards_cover_every_image_once(tmp_path, count, shard_size):
+    fs, output = open_url(str(tmp_path / "out"))
+    uris = [f"s3://b/{i:04d}.jpg" for i in range(count)]
+    plan = Plan.create(fs, output, uris, shard_size)
+    assert plan.num_images == count and plan.num_shards == -(-count // shard_size)
+    shards = list(plan.shards())
+    assert [u for s in shards for u in s.uris] == uris
+    assert [i for s in shards for i in s.image_ids] == list(range(count))
+    assert all(len(s.uris) == shard_size for s in shards[:-1])
+    reopened = Plan(fs, output)  # a rerun reads the same plan back
+    assert [reopened.shard(s.index) for s in shards] == shards
+    assert [s.index for s in plan.shards(skip={0})] == list(range(1, plan.num_shards))
+    with pytest.raises(IndexError):
+        plan.shard(plan.num_shards)
+
+
+def test_atomic_write_leaves_no_temporary(tmp_path):
+    fs, output = open_url(str(tmp_path))
+    write_bytes_atomically(fs, f"{output}/deep/dir/file.bin", b"abc")
+    write_bytes_atomically(fs, f"{output}/deep/dir/file.bin", b"abcd")  # replaced whole
+    assert (tmp_path / "deep/dir/file.bin").read_bytes() == b"abcd"
+    assert [p.name for p in (tmp_path / "deep/dir").iterdir()] == ["file.bin"]
+
+
+def _images_table(n: int) -> pa.Table:
+    return pa.table(
+        {"image_uri": [f"u{i}" for i in range(n)], "image_id": list(range(n)), "width": [1] * n, "height": [1] * n,
+         "instances": [0] * n, "status": ["ok"] * n, "error": [None] * n},
+        schema=IMAGES_SCHEMA,
+    )
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_commit_shard_writes_parts_then_marker(tmp_path, request, where):
+    if where == "s3":
+        bucket = request.getfixturevalue("s3")
+        fs, output = open_url(bucket.url("out"), bucket.storage_options)
+    else:
+        fs, output = open_url(str(tmp_path / "out"))
+    assert finished_shards(fs, output) == set()
+    for shard in (3, 12):
+        commit_shard(fs, output, shard, {"images": _images_table(4)}, {"maskray": '{"job": 1}'}, {"shard": shard, "images": 4})
+    assert finished_shards(fs, output) == {3, 12}
+    with fs.open(part_path(output, "images", 12), "rb") as f:
+        parquet = pq.ParquetFile(f)
+        assert parquet.metadata.row_group(0).column(0).compression == "ZSTD"
+        assert parquet.schema_arrow.metadata[b"maskray"] == b'{"job": 1}'
+        assert parquet.read().drop_columns([]).to_pylist() == _images_table(4).to_pylist()
+    assert json.loads(fs.cat_file(f"{output}/_done/shard-000012.json")) == {"images": 4, "shard": 12}
+
+
+def test_parquet_bytes_keep_schema():
+    data = table_to_parquet_bytes(_images_table(2), {"k": "v"})
+    table = pq.read_table(pa.BufferReader(data))
+    assert table.schema.remove_metadata() == IMAGES_SCHEMA
+
+
+def _manifest(**changes) -> Manifest:
+    base = dict(input="s3://b/in", output="s3://b/out", weights={"name": "w.pt", "sha256": "ab"}, config={"min_size": [320]},
+                options={"shard_size": 64, "batch_size": 2, "max_pixels": 100}, versions={"torch": "2"})
+    return Manifest(**{**base, **changes})
+
+
+def test_manifest_round_trip_and_identity(tmp_path):
+    fs, output = open_url(str(tmp_path))
+    assert Manifest.read(fs, output) is None
+    manifest = _manifest()
+    manifest.write(fs, output)
+    stored = Manifest.read(fs, output)
+    assert stored == manifest
+    assert identity_mismatch(stored, _manifest(versions={"torch": "3"})) == []  # versions may change
+    assert identity_mismatch(stored, _manifest(input="s3://b/other")) == ["input"]
+    assert identity_mismatch(stored, _manifest(weights={"name": "w.pt", "sha256": "cd"})) == ["weights_sha256"]
+    assert identity_mismatch(stored, _manifest(config={"min_size": [800]})) == ["config.min_size"]
+    assert identity_mismatch(stored, _manifest(options={"shard_size": 8, "batch_size": 2, "max_pixels": 100})) == ["shard_size"]
