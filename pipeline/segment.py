@@ -83,6 +83,7 @@ class JobSummary:
     images_run: int  # images processed by this run
     retries: int = 0  # shards run again because their actor died or their commit failed
     nodes: frozenset[str] = frozenset()  # Ray node ids whose actors committed shards in this run
+    processing_seconds: float = 0.0  # from the first actor ready to the last shard: the steady state
 
     @property
     def complete(self) -> bool:
@@ -159,6 +160,7 @@ def _run(job: SegmentJob, started: float) -> JobSummary:
         images_run=run.images,
         retries=run.retries,
         nodes=frozenset(run.nodes),
+        processing_seconds=run.processing_seconds,
     )
 
 
@@ -303,6 +305,7 @@ class _RunStats:
     failed: dict[int, str] = field(default_factory=dict)
     retries: int = 0
     nodes: set[str] = field(default_factory=set)
+    processing_seconds: float = 0.0
 
 
 @dataclass
@@ -348,6 +351,7 @@ def _execute(job: SegmentJob, weights, manifest: Manifest, plan: Plan, todo: lis
     failed = stats.failed
     images_done, shards_done = 0, 0
     waiting_since = time.monotonic()
+    first_ready: float | None = None
     bar = _progress_bar(job.progress, plan, todo, already_done)
 
     def next_shard() -> int | None:
@@ -391,6 +395,7 @@ def _execute(job: SegmentJob, weights, manifest: Manifest, plan: Plan, todo: lis
                     try:
                         log.info("actor ready: %s", ray.get(ref))
                         slot.ready = True
+                        first_ready = first_ready or time.monotonic()
                         waiting_since = time.monotonic()
                     except ray.exceptions.RayActorError as error:
                         # A model that cannot load on a node (missing compiled ops, no memory)
@@ -426,8 +431,10 @@ def _execute(job: SegmentJob, weights, manifest: Manifest, plan: Plan, todo: lis
                 if bar is not None:
                     bar.set_postfix_str(f"shards {already_done + shards_done}/{plan.num_shards}", refresh=False)
             if bar is not None:
-                bar.n = images_done + ray.get(board.total.remote())
-                bar.refresh()
+                # update() rather than setting n: it keeps tqdm's rate limit (one line per 10 s in logs).
+                done_now = images_done + ray.get(board.total.remote())
+                if done_now > bar.n:
+                    bar.update(done_now - bar.n)
             if not any(s.ready for s in slots) and time.monotonic() - waiting_since > job.actor_start_timeout:
                 raise JobError(
                     f"no segmentation actor started within {job.actor_start_timeout:.0f} s: the cluster lacks the "
@@ -440,6 +447,7 @@ def _execute(job: SegmentJob, weights, manifest: Manifest, plan: Plan, todo: lis
             ray.kill(slot.actor, no_restart=True)
         ray.kill(board, no_restart=True)
     stats.images = images_done
+    stats.processing_seconds = time.monotonic() - first_ready if first_ready else 0.0
     return stats
 
 

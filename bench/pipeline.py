@@ -1,0 +1,195 @@
+"""The segmentation pipeline against a bare loop, and its memory for N and 10·N images.
+
+Throughput: the pipeline (``run_segment``: local folder → list → Ray actor → read, decode,
+batch, Mask R-CNN, RLE → Parquet part files + done markers) against a bare loop over the same
+images already decoded in memory (``model(batch)`` and nothing else), same light model, same
+batch size, same torch threads, in one run. The ratio is images/s of the pipeline over images/s
+of the loop; the pipeline's figure is its steady state (from its first actor ready to its last
+commit; the time to start Ray and load the model is reported beside it).
+
+Memory: peak RSS of the driver and of the actors (sampled every 50 ms), for a job of N and one
+of 10·N images; bounded memory means the 10·N peaks are within 1.2x of the N peaks.
+
+    python bench/pipeline.py                    # 64 images of 320x480, light model, 2 threads
+    python bench/pipeline.py --images 128 --no-memory
+    python bench/pipeline.py --weights model/weights/shapes_light.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from model import MaskRCNN, MaskRCNNConfig  # noqa: E402
+from pipeline.decode import decode_image  # noqa: E402
+from pipeline.segment import SegmentJob, run_segment  # noqa: E402
+from pipeline.weights import build_model, read_weights  # noqa: E402
+
+DEMO_WEIGHTS = ROOT / "model" / "weights" / "shapes_light.pt"
+
+
+def write_images(folder: Path, count: int, height: int, width: int) -> None:
+    """``count`` JPEGs of coloured shapes on textured ground (the same ones for every run)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        rng = np.random.default_rng(i)
+        image = Image.fromarray(rng.integers(0, 90, (height, width, 3), dtype=np.uint8))
+        draw = ImageDraw.Draw(image)
+        for _ in range(4):
+            x, y = int(rng.integers(0, width - 80)), int(rng.integers(0, height - 80))
+            size = int(rng.integers(30, 80))
+            colour = tuple(int(c) for c in rng.integers(100, 256, 3))
+            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x, y, x + size, y + size], fill=colour)
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=90)
+        (folder / f"{i:05d}.jpg").write_bytes(buffer.getvalue())
+
+
+def default_weights(folder: Path) -> Path:
+    if DEMO_WEIGHTS.exists():
+        return DEMO_WEIGHTS
+    torch.manual_seed(0)
+    path = folder / "light-untrained.pt"
+    MaskRCNN(MaskRCNNConfig.light(num_classes=4)).save(path)
+    return path
+
+
+def bare_loop(weights: Path, folder: Path, batch_size: int, threads: int) -> float:
+    """images/s of the model alone over the decoded images (best of two passes)."""
+    torch.set_num_threads(threads)
+    model = build_model(read_weights(str(weights)))
+    images = [decode_image(p.read_bytes()) for p in sorted(folder.glob("*.jpg"))]
+    model(images[:batch_size])  # warm-up: oneDNN primitives, allocator
+    best = 0.0
+    for _ in range(2):
+        start = time.perf_counter()
+        for i in range(0, len(images), batch_size):
+            model(images[i : i + batch_size])
+        best = max(best, len(images) / (time.perf_counter() - start))
+    return best
+
+
+def rss_bytes(pid: int | str) -> int:
+    """Resident memory of a process, from /proc (Linux), 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return 0
+
+
+def actor_pids() -> list[str]:
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"SegmentActor" in f.read():
+                    pids.append(pid)
+        except OSError:
+            continue
+    return pids
+
+
+class PeakSampler:
+    """Peak RSS of this process (the driver) and of Ray's SegmentActor processes."""
+
+    def __init__(self, interval: float = 0.05):
+        self.interval, self.driver, self.actors = interval, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        pids, last_scan = [], 0.0
+        while not self._stop.is_set():
+            self.driver = max(self.driver, rss_bytes(os.getpid()))
+            if time.monotonic() - last_scan > 1.0:  # new actors appear rarely: rescan each second
+                pids, last_scan = actor_pids(), time.monotonic()
+            self.actors = max(self.actors, sum(rss_bytes(pid) for pid in pids))
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def pipeline_run(weights: Path, folder: Path, output: Path, batch_size: int, threads: int, shard_size: int):
+    shutil.rmtree(output, ignore_errors=True)
+    job = SegmentJob(str(folder), str(output), str(weights), batch_size=batch_size, shard_size=shard_size,
+                     num_actors=1, cpus_per_actor=threads, progress=False)
+    with PeakSampler() as peaks:
+        summary = run_segment(job)
+    assert summary.complete and summary.errors == 0, summary.describe()
+    return summary, peaks
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=64, help="N, images of the throughput run and the small memory run")
+    parser.add_argument("--height", type=int, default=320)
+    parser.add_argument("--width", type=int, default=480)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--shard-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--weights", type=Path, default=None, help="default: the demo model, else an untrained light model")
+    parser.add_argument("--no-memory", action="store_true", help="skip the N vs 10·N memory runs")
+    args = parser.parse_args()
+
+    import ray
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    work = Path(tempfile.mkdtemp(prefix="maskray-bench-"))
+    try:
+        weights = args.weights or default_weights(work)
+        small = work / "small"
+        write_images(small, args.images, args.height, args.width)
+        print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+              f"{args.threads} threads, weights {weights.name}, {args.images} images of {args.width}x{args.height}, "
+              f"batch {args.batch_size}, shards of {args.shard_size}")
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=args.threads,
+                 logging_level="WARNING", log_to_driver=False)
+        # Alternate: bare loop, pipeline, bare loop; the loop's figure is the mean of its two.
+        loop_a = bare_loop(weights, small, args.batch_size, args.threads)
+        summary, peaks_small = pipeline_run(weights, small, work / "out-small", args.batch_size, args.threads, args.shard_size)
+        loop_b = bare_loop(weights, small, args.batch_size, args.threads)
+        loop = (loop_a + loop_b) / 2
+        steady = summary.images_run / summary.processing_seconds
+        end_to_end = summary.images_run / summary.seconds
+        print(f"bare loop (decoded tensors -> model):  {loop:.2f} images/s  ({loop_a:.2f}, {loop_b:.2f})")
+        print(f"pipeline (folder -> Parquet), steady:   {steady:.2f} images/s  ratio {steady / loop:.3f}")
+        print(f"pipeline end to end incl. Ray start:    {end_to_end:.2f} images/s  ({summary.seconds:.1f} s, "
+              f"{summary.instances} instances)")
+        if not args.no_memory:
+            large = work / "large"
+            write_images(large, 10 * args.images, args.height, args.width)
+            _, peaks_large = pipeline_run(weights, large, work / "out-large", args.batch_size, args.threads, args.shard_size)
+            mb = 1024**2
+            print(f"peak RSS, driver: {peaks_small.driver / mb:.0f} MB for {args.images} images, "
+                  f"{peaks_large.driver / mb:.0f} MB for {10 * args.images}  (ratio {peaks_large.driver / peaks_small.driver:.3f})")
+            print(f"peak RSS, actor:  {peaks_small.actors / mb:.0f} MB for {args.images} images, "
+                  f"{peaks_large.actors / mb:.0f} MB for {10 * args.images}  (ratio {peaks_large.actors / peaks_small.actors:.3f})")
+    finally:
+        ray.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
