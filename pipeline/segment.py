@@ -63,6 +63,16 @@ class SegmentJob:
     progress: bool = True
     actor_start_timeout: float = 600.0
 
+    def validate(self) -> None:
+        for name in ("batch_size", "shard_size", "max_pixels", "read_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("num_actors", "cpus_per_actor"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.score_threshold is not None and not 0.0 <= self.score_threshold <= 1.0:
+            raise ValueError(f"score_threshold must be in [0, 1], got {self.score_threshold}")
+
     def overrides(self) -> dict[str, Any]:
         return {} if self.score_threshold is None else {"box_score_thresh": float(self.score_threshold)}
 
@@ -117,11 +127,11 @@ def run_segment(job: SegmentJob) -> JobSummary:
 
 
 def _run(job: SegmentJob, started: float) -> JobSummary:
+    job.validate()
     in_fs, in_path = open_url(job.input, job.storage_options)
     check_reachable(job.input, in_fs, in_path, must_exist=True)
     out_fs, out_path = open_url(job.output, job.storage_options)
     check_reachable(job.output, out_fs, out_path, must_exist=False)
-    job.worker_options()  # validates batch size and friends
 
     weights = read_weights(job.weights, job.storage_options)
     model = build_model(weights, job.overrides())  # a bad weights file fails here, before any work
@@ -154,7 +164,7 @@ def _run(job: SegmentJob, started: float) -> JobSummary:
         errors=totals["errors"],
         instances=totals["instances"],
         shards=plan.num_shards,
-        shards_run=len(todo) - len(run.failed),
+        shards_run=run.shards,
         failed_shards=run.failed,
         seconds=time.perf_counter() - started,
         images_run=run.images,
@@ -301,6 +311,7 @@ def _make_board_class():
 
 @dataclass
 class _RunStats:
+    shards: int = 0  # committed by this run
     images: int = 0
     failed: dict[int, str] = field(default_factory=dict)
     retries: int = 0
@@ -384,10 +395,10 @@ def _execute(job: SegmentJob, weights, manifest: Manifest, plan: Plan, todo: lis
                     slot.shards[slot.actor.process.remote(shard)] = shard
             in_flight = {ref: slot for slot in slots for ref in slot.shards}
             starting = {slot.ready_ref: slot for slot in slots if not slot.ready}
-            if not in_flight and (exhausted or not slots) and not queue:
+            if not in_flight and exhausted and not queue:
                 break
-            if not in_flight and not starting:
-                raise JobError("no actor is left to run the remaining shards")
+            if not slots:
+                raise JobError(f"no actor is left to run the remaining shards ({actors_made} were started; see the errors above)")
             ready, _ = ray.wait([*in_flight, *starting], num_returns=1, timeout=0.5)
             for ref in ready:
                 if ref in starting:
@@ -446,7 +457,7 @@ def _execute(job: SegmentJob, weights, manifest: Manifest, plan: Plan, todo: lis
         for slot in slots:
             ray.kill(slot.actor, no_restart=True)
         ray.kill(board, no_restart=True)
-    stats.images = images_done
+    stats.images, stats.shards = images_done, shards_done
     stats.processing_seconds = time.monotonic() - first_ready if first_ready else 0.0
     return stats
 
