@@ -50,8 +50,6 @@ def add_storage_options_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from pipeline.decode import DEFAULT_MAX_PIXELS
-
     parser.add_argument("input", metavar="INPUT", help="images: a prefix, a glob, or a .txt/.parquet file listing them (any fsspec URL)")
     parser.add_argument("output", metavar="OUTPUT", help="where the Parquet output goes (any fsspec URL); rerun to resume")
     parser.add_argument("--weights", required=True, metavar="CKPT", help="a maskray checkpoint or a torchvision Mask R-CNN state dict")
@@ -62,12 +60,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-actors", type=_positive_int, default=None, help="model actors (default: one per GPU, else as CPUs allow)")
     parser.add_argument("--cpus-per-actor", type=_positive_int, default=None, help="CPUs (torch threads) per actor without GPUs (default 2)")
     parser.add_argument("--score-threshold", type=_fraction, default=None, help="keep detections scoring at least this (default: the model's)")
-    parser.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
-                        help=f"refuse images larger than this many pixels (default {DEFAULT_MAX_PIXELS:,})")
+    parser.add_argument("--max-pixels", type=_positive_int, default=None,
+                        help="refuse images larger than this many pixels, against decompression bombs (default 200,000,000)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipeline.decode import DEFAULT_MAX_PIXELS
     from pipeline.segment import JobError, SegmentJob, run_segment
     from pipeline.storage import StorageError
 
@@ -81,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         num_actors=args.num_actors,
         cpus_per_actor=args.cpus_per_actor,
         score_threshold=args.score_threshold,
-        max_pixels=args.max_pixels,
+        max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
         address=args.address,
         progress=not args.no_progress,
     )
