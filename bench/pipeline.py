@@ -141,6 +141,37 @@ def pipeline_run(weights: Path, folder: Path, output: Path, batch_size: int, thr
     return summary, peaks
 
 
+def memory_run(args: argparse.Namespace, count: int) -> dict[str, int]:
+    """Peak RSS of driver and actors for a job of ``count`` images, run in a child process."""
+    import json
+    import subprocess
+
+    command = [sys.executable, __file__, "--memory-child", str(count), "--height", str(args.height), "--width", str(args.width),
+               "--batch-size", str(args.batch_size), "--shard-size", str(args.shard_size), "--threads", str(args.threads)]
+    if args.weights:
+        command += ["--weights", str(args.weights)]
+    result = subprocess.run(command, check=True, capture_output=True, text=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def memory_child(args: argparse.Namespace) -> None:
+    import json
+
+    import ray
+
+    work = Path(tempfile.mkdtemp(prefix="maskray-bench-memory-"))
+    try:
+        weights = args.weights or default_weights(work)
+        write_images(work / "images", args.memory_child, args.height, args.width)
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=args.threads,
+                 logging_level="WARNING", log_to_driver=False)
+        _, peaks = pipeline_run(weights, work / "images", work / "out", args.batch_size, args.threads, args.shard_size)
+        print(json.dumps({"driver": peaks.driver, "actors": peaks.actors}))
+    finally:
+        ray.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=64, help="N, images of the throughput run and the small memory run")
@@ -151,7 +182,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--weights", type=Path, default=None, help="default: the demo model, else an untrained light model")
     parser.add_argument("--no-memory", action="store_true", help="skip the N vs 10·N memory runs")
+    parser.add_argument("--memory-child", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_child:
+        return memory_child(args)
 
     import ray
 
@@ -168,7 +202,7 @@ def main() -> None:
                  logging_level="WARNING", log_to_driver=False)
         # Alternate: bare loop, pipeline, bare loop; the loop's figure is the mean of its two.
         loop_a = bare_loop(weights, small, args.batch_size, args.threads)
-        summary, peaks_small = pipeline_run(weights, small, work / "out-small", args.batch_size, args.threads, args.shard_size)
+        summary, _ = pipeline_run(weights, small, work / "out-small", args.batch_size, args.threads, args.shard_size)
         loop_b = bare_loop(weights, small, args.batch_size, args.threads)
         loop = (loop_a + loop_b) / 2
         steady = summary.images_run / summary.processing_seconds
@@ -178,14 +212,14 @@ def main() -> None:
         print(f"pipeline end to end incl. Ray start:    {end_to_end:.2f} images/s  ({summary.seconds:.1f} s, "
               f"{summary.instances} instances)")
         if not args.no_memory:
-            large = work / "large"
-            write_images(large, 10 * args.images, args.height, args.width)
-            _, peaks_large = pipeline_run(weights, large, work / "out-large", args.batch_size, args.threads, args.shard_size)
+            ray.shutdown()
+            # Each memory run in a fresh process, so that the driver's peak is the job's alone.
+            small_peaks = memory_run(args, args.images)
+            large_peaks = memory_run(args, 10 * args.images)
             mb = 1024**2
-            print(f"peak RSS, driver: {peaks_small.driver / mb:.0f} MB for {args.images} images, "
-                  f"{peaks_large.driver / mb:.0f} MB for {10 * args.images}  (ratio {peaks_large.driver / peaks_small.driver:.3f})")
-            print(f"peak RSS, actor:  {peaks_small.actors / mb:.0f} MB for {args.images} images, "
-                  f"{peaks_large.actors / mb:.0f} MB for {10 * args.images}  (ratio {peaks_large.actors / peaks_small.actors:.3f})")
+            for who in ("driver", "actors"):
+                print(f"peak RSS, {who + ':':<8} {small_peaks[who] / mb:.0f} MB for {args.images} images, "
+                      f"{large_peaks[who] / mb:.0f} MB for {10 * args.images}  (ratio {large_peaks[who] / small_peaks[who]:.3f})")
     finally:
         ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
