@@ -13,14 +13,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("image", metavar="IMAGE_URI", help="the image: its image_uri, or a unique path suffix or file name")
     parser.add_argument("-o", "--out", default="overlay.png", help="where to write the PNG (default overlay.png)")
     parser.add_argument("--min-score", type=float, default=0.0, help="draw only instances scoring at least this")
+    parser.add_argument("--scale", type=int, default=None,
+                        help="enlarge the picture this many times (default: small images to about 512 px, others 1)")
     add_storage_options_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.show import render_overlay
+    from pipeline.show import auto_scale, find_image_uri, render_overlay
 
     try:
-        picture, count = render_overlay(args.output, args.image, args.storage_options, args.min_score)
+        scale = args.scale
+        if scale is None:
+            row = find_image_uri(args.output, args.image, args.storage_options)
+            scale = auto_scale(row["height"] or 512, row["width"] or 512)
+        picture, count = render_overlay(args.output, args.image, args.storage_options, args.min_score, scale=scale)
     except (LookupError, ValueError, FileNotFoundError) as error:
         print(f"maskray show: error: {error.args[0] if error.args else error}", file=sys.stderr)
         return 2

@@ -43,9 +43,12 @@ def render_overlay(
     storage_options: Mapping[str, Any] | None = None,
     min_score: float = 0.0,
     alpha: float = 0.45,
+    scale: int = 1,
 ):
     """The image ``image`` (a URI in the output, or a unique suffix of one) with its instances
-    of score >= ``min_score`` drawn, as a PIL image; and the number of instances drawn."""
+    of score >= ``min_score`` drawn, as a PIL image; and the number of instances drawn.
+    ``scale`` enlarges the picture (nearest pixel) before drawing, so that labels on small
+    images stay legible."""
     from PIL import Image
     from pycocotools import mask as mask_utils
     from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
@@ -55,7 +58,7 @@ def render_overlay(
         raise ValueError(f"{row['image_uri']} could not be segmented: {row['error']}")
     uri = row["image_uri"]
     fs, path = open_url(uri, storage_options if not uri.startswith("file://") else None)
-    picture = decode_image(fs.cat_file(path)).contiguous()
+    picture = _enlarge(decode_image(fs.cat_file(path)), scale).contiguous()
     instances = open_table(output_url, INSTANCES, storage_options).to_table(
         filter=(ds.field("image_uri") == uri) & (ds.field("score") >= min_score)
     ).sort_by("instance").to_pylist()
@@ -63,9 +66,20 @@ def render_overlay(
         colours = [PALETTE[r["label"] % len(PALETTE)] for r in instances]
         rles = [{"size": [r["mask_height"], r["mask_width"]], "counts": r["mask_counts"].encode()} for r in instances]
         if all(r["mask_counts"] for r in instances):  # a Faster R-CNN output has boxes only
-            masks = torch.from_numpy(mask_utils.decode(rles)).permute(2, 0, 1).bool()
+            masks = _enlarge(torch.from_numpy(mask_utils.decode(rles)).permute(2, 0, 1).bool(), scale)
             picture = draw_segmentation_masks(picture, masks, alpha=alpha, colors=colours)
-        boxes = torch.tensor([[r["box_x1"], r["box_y1"], r["box_x2"], r["box_y2"]] for r in instances])
+        boxes = torch.tensor([[r["box_x1"], r["box_y1"], r["box_x2"], r["box_y2"]] for r in instances]) * scale
         labels = [f"{r['label_name']} {r['score']:.2f}" for r in instances]
         picture = draw_bounding_boxes(picture, boxes, labels=labels, colors=colours, width=2)
     return Image.fromarray(picture.permute(1, 2, 0).numpy()), len(instances)
+
+
+def auto_scale(height: int, width: int, target: int = 512) -> int:
+    """The whole-number enlargement that brings the shorter side to about ``target`` pixels."""
+    return max(1, round(target / max(1, min(height, width))))
+
+
+def _enlarge(tensor: torch.Tensor, scale: int) -> torch.Tensor:
+    if scale == 1:
+        return tensor
+    return tensor.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)

@@ -102,6 +102,11 @@ def test_overlay_draws_masks_where_they_are(tmp_path):
 
     picture, count = render_overlay(str(tmp_path / "out"), "a.png", min_score=0.85)
     assert count == 1
+    enlarged, _ = render_overlay(str(tmp_path / "out"), "a.png", scale=3)
+    drawn_large = np.asarray(enlarged)
+    assert drawn_large.shape == (3 * HEIGHT, 3 * WIDTH, 3)
+    tinted = (drawn_large != np.repeat(np.repeat(pixels, 3, axis=0), 3, axis=1)).any(axis=2)
+    assert tinted[np.repeat(np.repeat(masks[1], 3, axis=0), 3, axis=1)].mean() > 0.95  # masks scaled with the picture
     with pytest.raises(LookupError, match="no image 'nothing.png'"):
         render_overlay(str(tmp_path / "out"), "nothing.png")
     with pytest.raises(ValueError, match="could not be segmented: empty file"):

@@ -344,6 +344,8 @@ def test_cli_segment_query_show(ray_local, local_input, weights_path, tmp_path, 
     assert main(["query", str(output), "SELECT count(*) AS n FROM images WHERE status = 'ok'", "--csv"]) == 0
     assert capsys.readouterr().out.splitlines() == ["n", "24"]
     assert main(["show", str(output), "img/001.png", "-o", str(tmp_path / "o.png")]) == 0
+    assert Image.open(tmp_path / "o.png").size == (128 * 5, 96 * 5)  # small images are enlarged
+    assert main(["show", str(output), "img/001.png", "-o", str(tmp_path / "o.png"), "--scale", "1"]) == 0
     assert Image.open(tmp_path / "o.png").size == (128, 96)
     assert main(["show", str(output), "img/absent.png", "-o", str(tmp_path / "x.png")]) == 2
     assert "no image 'img/absent.png'" in capsys.readouterr().err
