@@ -4,10 +4,10 @@
 import argparse
 import sys
 
+from jobs.arguments import add_storage_options_argument
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from jobs.segment import add_storage_options_argument
-
     parser.add_argument("output", metavar="OUTPUT", help="a segmentation output (any fsspec URL)")
     parser.add_argument("sql", metavar="SQL", help='e.g. "SELECT label_name, count(*) FROM instances GROUP BY 1"')
     parser.add_argument("--max-rows", type=int, default=50, help="rows to print at most (default 50)")

@@ -6,47 +6,9 @@ command resumes: finished shards are skipped.
 """
 
 import argparse
-import json
 import sys
 
-
-def _storage_options(text: str) -> dict:
-    try:
-        options = json.loads(text)
-    except json.JSONDecodeError as error:
-        # The text may hold credentials: say where it breaks, never echo it.
-        raise argparse.ArgumentTypeError(f"not valid JSON ({error.msg} at character {error.pos})") from None
-    if not isinstance(options, dict):
-        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"anon\": true}'")
-    return options
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
-    return value
-
-
-def add_storage_options_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--storage-options", type=_storage_options, default={}, metavar="JSON",
-        help='fsspec storage options as JSON, e.g. \'{"client_kwargs": {"endpoint_url": "http://..."}}\' '
-             "(never written to the output or the logs)",
-    )
+from jobs.arguments import add_storage_options_argument, fraction, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,12 +17,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", required=True, metavar="CKPT", help="a maskray checkpoint or a torchvision Mask R-CNN state dict")
     add_storage_options_argument(parser)
     parser.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a local cluster)")
-    parser.add_argument("--batch-size", type=_positive_int, default=2, help="images per model call (default 2)")
-    parser.add_argument("--shard-size", type=_positive_int, default=64, help="images per shard, the unit of work and resume (default 64)")
-    parser.add_argument("--num-actors", type=_positive_int, default=None, help="model actors (default: one per GPU, else as CPUs allow)")
-    parser.add_argument("--cpus-per-actor", type=_positive_int, default=None, help="CPUs (torch threads) per actor without GPUs (default 2)")
-    parser.add_argument("--score-threshold", type=_fraction, default=None, help="keep detections scoring at least this (default: the model's)")
-    parser.add_argument("--max-pixels", type=_positive_int, default=None,
+    parser.add_argument("--batch-size", type=positive_int, default=2, help="images per model call (default 2)")
+    parser.add_argument("--shard-size", type=positive_int, default=64, help="images per shard, the unit of work and resume (default 64)")
+    parser.add_argument("--num-actors", type=positive_int, default=None, help="model actors (default: one per GPU, else as CPUs allow)")
+    parser.add_argument("--cpus-per-actor", type=positive_int, default=None, help="CPUs (torch threads) per actor without GPUs (default 2)")
+    parser.add_argument("--score-threshold", type=fraction, default=None, help="keep detections scoring at least this (default: the model's)")
+    parser.add_argument("--max-pixels", type=positive_int, default=None,
                         help="refuse images larger than this many pixels, against decompression bombs (default 200,000,000)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -5,10 +5,10 @@ ends exactly one of them."""
 import argparse
 import sys
 
+from jobs.arguments import add_storage_options_argument
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from jobs.segment import add_storage_options_argument
-
     parser.add_argument("output", metavar="OUTPUT", help="a segmentation output (any fsspec URL)")
     parser.add_argument("image", metavar="IMAGE_URI", help="the image: its image_uri, or a unique path suffix or file name")
     parser.add_argument("-o", "--out", default="overlay.png", help="where to write the PNG (default overlay.png)")

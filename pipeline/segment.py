@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.cluster import connect_ray
 from pipeline.decode import DEFAULT_MAX_PIXELS
 from pipeline.listing import list_images
 from pipeline.manifest import Manifest, identity_mismatch
@@ -214,21 +215,6 @@ def _open_or_plan(job: SegmentJob, wanted: Manifest, fs, output: str) -> tuple[M
 
 
 # Ray ---------------------------------------------------------------------------------------
-
-
-def connect_ray(address: str | None = None) -> None:
-    """Joins ``address`` (or RAY_ADDRESS); without either, starts a local Ray on 127.0.0.1
-    only, without a dashboard. Reuses a Ray this process already started."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING)
-    else:
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, logging_level=logging.WARNING)
 
 
 def _actor_layout(job: SegmentJob) -> tuple[int, dict[str, float]]:
