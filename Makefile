@@ -22,10 +22,10 @@ $(STAMP): $(BUILD_INPUTS)
 	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test]"
 	touch $@
 
-# The main job. Until the segmentation pipeline lands it checks the compiled
-# ops against torchvision and prints the result.
+# The main job on an embedded default: sample images, a local Ray cluster, the
+# demo model, Parquet in ./maskray-demo, a query printed and an overlay PNG.
 demo: setup
-	$(BIN)/maskray selfcheck
+	$(BIN)/maskray demo
 
 test: setup
 	$(BIN)/python -m pytest -q
@@ -33,6 +33,7 @@ test: setup
 bench: setup
 	$(BIN)/python bench/roi_ops.py
 	$(BIN)/python bench/model.py --light
+	$(BIN)/python bench/pipeline.py
 
 # Compile-only check of the CUDA kernels (needs nvcc, not a GPU).
 cuda-check: setup

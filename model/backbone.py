@@ -67,7 +67,7 @@ class BackboneWithFPN(nn.Module):
 
 def build_backbone(config: MaskRCNNConfig) -> BackboneWithFPN:
     """The ResNet-FPN of ``config``: randomly initialised, its first layers frozen."""
-    body = ResNet(config.backbone, fold_batchnorm=config.fold_batchnorm)
+    body = ResNet(config.backbone, fold_batchnorm=config.fold_batchnorm, norm=config.backbone_norm)
     trainable = _TRAINABLE_ORDER[: config.trainable_backbone_layers]
     if config.trainable_backbone_layers == 5:
         trainable = trainable + ("bn1",)

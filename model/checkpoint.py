@@ -50,19 +50,50 @@ def versions() -> dict[str, str]:
     return {"maskray": str(maskray), "torch": str(torch.__version__), "torchvision": str(torchvision.__version__)}
 
 
-def save_checkpoint(model: MaskRCNN, path: str | Path | BinaryIO, **extra: Any) -> None:
-    """Writes ``model``'s checkpoint; ``extra`` holds more plain data (e.g. training state)."""
+# Dtypes a checkpoint may store its floating-point weights in; they are float32 again on loading.
+WEIGHTS_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def save_checkpoint(
+    model: MaskRCNN, path: str | Path | BinaryIO, weights_dtype: str = "float32", **extra: Any
+) -> None:
+    """Writes ``model``'s checkpoint; ``extra`` holds more plain data (e.g. training state).
+
+    ``weights_dtype="float16"`` (or ``"bfloat16"``) stores the floating-point tensors at half
+    the size, for shipping a model; the file says so (``weights_dtype``) and loading casts them
+    back to float32. A weight beyond float16's range is an error, never an infinity on disk.
+    """
+    if weights_dtype not in WEIGHTS_DTYPES:
+        raise ValueError(f"weights_dtype must be one of {WEIGHTS_DTYPES}, got {weights_dtype!r}")
+    dtype = getattr(torch, weights_dtype)
+    state_dict = {}
+    for name, tensor in model.state_dict().items():
+        # contiguous(): channels_last weights would be saved with their strides; keep files plain.
+        tensor = tensor.detach().to("cpu").contiguous()
+        if tensor.is_floating_point() and tensor.dtype != dtype:
+            stored = tensor.to(dtype)
+            if torch.isfinite(tensor).all() and not torch.isfinite(stored).all():
+                raise ValueError(f"{name} has values beyond {weights_dtype}'s range; save it as float32 or bfloat16")
+            tensor = stored
+        state_dict[name] = tensor
     state = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "config": model.config.to_dict(),
         "class_names": list(model.config.class_names),
-        # contiguous(): channels_last weights would be saved with their strides; keep files plain.
-        "state_dict": {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()},
+        "state_dict": state_dict,
+        "weights_dtype": weights_dtype,
         "versions": versions(),
         **extra,
     }
     torch.save(state, path)
+
+
+def float32_state_dict(state: dict[str, Any]) -> dict[str, Tensor]:
+    """A checkpoint's weights as the model holds them: float32, whatever they were stored in."""
+    if state.get("weights_dtype", "float32") == "float32":
+        return state["state_dict"]
+    return {k: v.float() if v.is_floating_point() else v for k, v in state["state_dict"].items()}
 
 
 def load_checkpoint(path: str | Path | BinaryIO, map_location: str | torch.device = "cpu") -> MaskRCNN:
@@ -78,7 +109,7 @@ def load_checkpoint(path: str | Path | BinaryIO, map_location: str | torch.devic
         raise ValueError(f"{_describe(path)}: checkpoint format {state['format_version']} is newer than this maskray reads")
     config = MaskRCNNConfig.from_dict(state["config"])
     model = MaskRCNN(config)
-    model.load_state_dict(state["state_dict"])
+    model.load_state_dict(float32_state_dict(state))
     return model.eval().to_inference_layout()
 
 

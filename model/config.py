@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
+BACKBONE_NORMS = ("frozen", "batch")
 POOLERS = ("roi_align", "roi_pool")
 
 
@@ -30,10 +31,13 @@ class MaskRCNNConfig:
     num_classes: int = 91
     class_names: tuple[str, ...] = ()
 
-    # backbone: a ResNet trunk with frozen BatchNorm, and an FPN over its four stages
+    # backbone: a ResNet trunk with frozen BatchNorm, and an FPN over its four stages.
+    # backbone_norm="batch" trains the trunk's BatchNorm (training from scratch, where there
+    # are no statistics to freeze); in eval mode it is folded like a frozen one.
     backbone: str = "resnet50"
     trainable_backbone_layers: int = 3
     fpn_channels: int = 256
+    backbone_norm: str = "frozen"
 
     # image transform
     min_size: tuple[int, ...] = (800,)
@@ -109,6 +113,11 @@ class MaskRCNNConfig:
             fail("backbone", f"must be one of {BACKBONES}")
         if not 0 <= self.trainable_backbone_layers <= 5:
             fail("trainable_backbone_layers", "must be in [0, 5]")
+        if self.backbone_norm not in BACKBONE_NORMS:
+            fail("backbone_norm", f"must be one of {BACKBONE_NORMS}")
+        if self.backbone_norm == "batch" and self.trainable_backbone_layers != 5:
+            # Batch statistics in a stage whose weights are frozen would still drift.
+            fail("trainable_backbone_layers", "must be 5 with backbone_norm='batch' (the whole trunk trains)")
         if self.pooler not in POOLERS:
             fail("pooler", f"must be one of {POOLERS}")
         if not self.min_size or min(self.min_size) <= 0:

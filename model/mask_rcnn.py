@@ -154,11 +154,12 @@ class MaskRCNN(nn.Module):
         model.load_state_dict(state_dict)
         return model.eval().to_inference_layout()
 
-    def save(self, path: str | Path | BinaryIO, **extra: Any) -> None:
-        """One file with config, class names, weights and versions (see model.checkpoint)."""
+    def save(self, path: str | Path | BinaryIO, weights_dtype: str = "float32", **extra: Any) -> None:
+        """One file with config, class names, weights and versions (see model.checkpoint);
+        ``weights_dtype="float16"`` halves the file (loading casts back to float32)."""
         from model.checkpoint import save_checkpoint
 
-        save_checkpoint(self, path, **extra)
+        save_checkpoint(self, path, weights_dtype=weights_dtype, **extra)
 
     @classmethod
     def load(cls, path: str | Path | BinaryIO, map_location: str | torch.device = "cpu") -> MaskRCNN:

@@ -10,7 +10,10 @@ import logging
 import os
 
 
-def connect_ray(address: str | None = None) -> None:
+def connect_ray(address: str | None = None, dashboard: bool = False) -> None:
+    """``dashboard``: start a local cluster with its dashboard (on 127.0.0.1 too). Ray Train
+    needs it: its placement-group cleaner asks the dashboard's State API about the run, and
+    logs a warning every few seconds when there is none."""
     import ray
 
     if ray.is_initialized():
@@ -20,4 +23,5 @@ def connect_ray(address: str | None = None) -> None:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, logging_level=logging.WARNING)
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                 logging_level=logging.WARNING)

@@ -27,7 +27,6 @@ from pipeline.query import connect, open_table
 from pipeline.segment import JobError, SegmentJob, run_segment
 from pipeline.storage import StorageError, open_url
 from pipeline.weights import Weights, build_model
-from tests.services import s3_storage_options
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

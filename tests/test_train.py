@@ -1,0 +1,336 @@
+"""Training with Ray Train (pipeline/training.py, maskray train).
+
+The main test runs the job as users do, two workers (DDP over gloo) on the CPU on a small
+shapes set: it is killed after its first checkpoint, resumed, and must then have learned
+(loss down by a clear margin, AP above an untrained model's on the same images, COCOeval
+computing both). The parts (schedule, starting weights, export) are checked against
+torch's and torchvision's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import MaskRCNN, MaskRCNNConfig
+from pipeline.coco import CocoDataset
+from pipeline.evaluation import coco_evaluate, predict_coco_results
+from pipeline.shapes import write_shapes
+from pipeline.training import (
+    CHECKPOINT_FILE,
+    RUN_NAME,
+    TrainingError,
+    TrainSettings,
+    export_model,
+    load_initial_weights,
+    lr_factor,
+    model_config,
+    steps_at_epochs,
+    train,
+)
+from model.checkpoint import safe_load
+
+REPO = Path(__file__).resolve().parents[1]
+# A small, quick model: the light preset, narrower, on 96-pixel images.
+TINY = {"min_size": [96], "max_size": 96, "representation_size": 128, "fpn_channels": 64, "mask_head_channels": 64,
+        "rpn_pre_nms_top_n_train": 300, "rpn_post_nms_top_n_train": 150, "rpn_pre_nms_top_n_test": 150,
+        "rpn_post_nms_top_n_test": 60, "box_batch_size_per_image": 64}
+
+
+@pytest.fixture(scope="module")
+def tiny_shapes(tmp_path_factory):
+    """24 shapes images with one category, "shape": a task a model learns in a few dozen steps
+    from scratch (telling the five kinds apart takes longer than a test may)."""
+    root = tmp_path_factory.mktemp("train-shapes")
+    write_shapes(str(root), 24, seed=8, size=(96, 96))
+    data = json.loads((root / "annotations.json").read_text())
+    data["categories"] = [{"id": 1, "name": "shape", "supercategory": "shape"}]
+    for annotation in data["annotations"]:
+        annotation["category_id"] = 1
+    (root / "annotations.json").write_text(json.dumps(data))
+    return root
+
+
+def tiny_args(shapes: Path, output: str, *extra: str) -> list[str]:
+    args = ["--train-json", str(shapes / "annotations.json"), "--train-images", str(shapes / "images"),
+            "--val-json", str(shapes / "annotations.json"), "--val-images", str(shapes / "images"),
+            "--output", output, "--workers", "2", "--cpus-per-worker", "1", "--batch-size", "2",
+            "--lr", "0.02", "--warmup-iters", "4", "--schedule", "cosine", "--clip-grad-norm", "5", "--no-progress"]
+    for key, value in TINY.items():
+        args += ["--model-option", f"{key}={json.dumps(value)}"]
+    return args + list(extra)
+
+
+def parse(args: list[str]) -> argparse.Namespace:
+    from jobs import train as train_job
+
+    parser = argparse.ArgumentParser()
+    train_job.add_arguments(parser)
+    return parser.parse_args(args)
+
+
+def settings_of(args: list[str]) -> TrainSettings:
+    ns = parse(args)
+    return TrainSettings(
+        train_json=ns.train_json, train_images=ns.train_images, output=ns.output, val_json=ns.val_json,
+        val_images=ns.val_images, workers=ns.workers, cpus_per_worker=ns.cpus_per_worker, epochs=ns.epochs,
+        batch_size=ns.batch_size, lr=ns.lr, warmup_iters=ns.warmup_iters, schedule=ns.schedule,
+        model_options=dict(ns.model_option), progress=False, resume=ns.resume, storage_options=ns.storage_options,
+        export_dtype=ns.export_dtype,
+    )
+
+
+def snapshot_checkpoints(run: Path) -> list[str]:
+    """The checkpoints Ray Train has recorded for the run (what a resume starts from)."""
+    snapshot = run / "checkpoint_manager_snapshot.json"
+    if not snapshot.exists():
+        return []
+    try:
+        data = json.loads(snapshot.read_text())
+    except json.JSONDecodeError:  # being written
+        return []
+    return [r["checkpoint_dir_name"] for r in data["checkpoint_results"]]
+
+
+def kill_session(process: subprocess.Popen) -> None:
+    """SIGKILL to the job and every process of its session (its own Ray included)."""
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    for pid in [int(p) for p in os.listdir("/proc") if p.isdigit()]:
+        try:
+            if os.getsid(pid) == process.pid:
+                os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+# -----------------------------------------------------------------------------------------------
+# The job, end to end
+
+
+@pytest.mark.slow
+def test_two_workers_learn_and_a_killed_run_resumes(tiny_shapes, tmp_path, ray_local):
+    output = tmp_path / "run"
+    epochs = 12
+    # 1. The job as users start it, in its own process (and its own local Ray), killed with
+    #    SIGKILL as soon as Ray Train has recorded its first checkpoint.
+    script = ("import sys; from jobs import train; import argparse; p = argparse.ArgumentParser(); "
+              "train.add_arguments(p); sys.exit(train.run(p.parse_args(sys.argv[1:])))")
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    env.pop("RAY_ADDRESS", None)
+    process = subprocess.Popen([sys.executable, "-c", script, *tiny_args(tiny_shapes, str(output), "--epochs", str(epochs))],
+                               cwd=REPO, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        while not snapshot_checkpoints(output / RUN_NAME):
+            assert process.poll() is None, process.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint within 4 minutes"
+            time.sleep(0.1)
+    finally:
+        kill_session(process)
+    recorded = snapshot_checkpoints(output / RUN_NAME)
+    assert recorded[-1] == f"epoch-{len(recorded):04d}" and len(recorded) < epochs
+    killed_at = safe_load(output / RUN_NAME / recorded[-1] / CHECKPOINT_FILE)
+    assert not (output / "model.pt").exists()
+
+    # 2. Started again without --resume, the job refuses to touch the run.
+    with pytest.raises(TrainingError, match="already holds a training run"):
+        train(settings_of(tiny_args(tiny_shapes, str(output), "--epochs", str(epochs))), log=lambda _: None)
+
+    # 3. Resumed, here on the test's Ray: it continues from that checkpoint to the end.
+    outcome = train(settings_of(tiny_args(tiny_shapes, str(output), "--epochs", str(epochs), "--resume")), log=lambda _: None)
+    final = safe_load(output / RUN_NAME / f"epoch-{epochs:04d}" / CHECKPOINT_FILE)
+    history = final["metrics"]
+    done = killed_at["epoch"]
+    steps_per_epoch = killed_at["step"] // done
+    assert steps_per_epoch == 24 // (2 * 2)  # 24 images over 2 workers x 2 images
+    # The epochs before the kill are the killed run's own rows (timings included), not redone...
+    assert history[:done] == killed_at["metrics"]
+    # ... and the step count goes on from the checkpoint's.
+    assert [row["step"] for row in history] == [steps_per_epoch * (e + 1) for e in range(epochs)]
+    assert final["step"] == outcome["step"] == epochs * steps_per_epoch
+    assert final["scheduler"]["last_epoch"] == final["step"]
+
+    # Checkpoints of every epoch, metrics as CSV and PNG, and the exported model.
+    assert sorted(p.name for p in (output / RUN_NAME).glob("epoch-*")) == [f"epoch-{e:04d}" for e in range(1, epochs + 1)]
+    with open(output / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == list(range(1, epochs + 1))
+    assert {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg", "lr",
+            "images_per_s", "segm_AP", "bbox_AP"} <= set(rows[0])
+    assert (output / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # It learned: the loss fell by a clear margin...
+    assert float(rows[-1]["loss"]) < 0.7 * float(rows[0]["loss"]), [r["loss"] for r in rows]
+    # ... and the exported model finds the shapes better than an untrained one does (COCOeval on
+    # the same images, computed here from the model file, not taken from the job's own log).
+    dataset = CocoDataset(str(tiny_shapes / "annotations.json"), str(tiny_shapes / "images"))
+    truth = json.loads((tiny_shapes / "annotations.json").read_text())
+    trained = MaskRCNN.load(output / "model.pt")
+    torch.manual_seed(0)
+    untrained = MaskRCNN(trained.config).eval()
+    trained_ap = coco_evaluate(truth, predict_coco_results(trained, dataset))
+    untrained_ap = coco_evaluate(truth, predict_coco_results(untrained, dataset))
+    assert trained_ap["bbox_AP"] > untrained_ap["bbox_AP"] + 0.05, (trained_ap["bbox_AP"], untrained_ap["bbox_AP"])
+    assert trained_ap["segm_AP"] > untrained_ap["segm_AP"] + 0.05, (trained_ap["segm_AP"], untrained_ap["segm_AP"])
+    assert float(rows[-1]["segm_AP"]) == pytest.approx(trained_ap["segm_AP"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_data_and_output_in_a_bucket(tmp_path, s3, ray_local):
+    write_shapes(s3.url("data"), 4, seed=3, size=(64, 64), storage_options=s3.storage_options)
+    args = ["--train-json", s3.url("data", "annotations.json"), "--train-images", s3.url("data", "images"),
+            "--output", s3.url("out"), "--workers", "1", "--cpus-per-worker", "1", "--epochs", "1", "--batch-size", "2",
+            "--warmup-iters", "1", "--no-progress", "--export-dtype", "float16",
+            "--storage-options", json.dumps(s3.storage_options)]
+    for key, value in {**TINY, "min_size": [64], "max_size": 64}.items():
+        args += ["--model-option", f"{key}={json.dumps(value)}"]
+    outcome = train(settings_of(args), log=lambda _: None)
+    fs = s3.filesystem()
+    names = fs.find(s3.name)
+    assert f"{s3.name}/out/{RUN_NAME}/epoch-0001/{CHECKPOINT_FILE}" in names
+    assert {f"{s3.name}/out/model.pt", f"{s3.name}/out/metrics.csv", f"{s3.name}/out/metrics.png"} <= set(names)
+    # No credential in anything the job wrote.
+    for name in names:
+        content = fs.cat(name)
+        for secret in (s3.storage_options["key"], s3.storage_options["secret"]):
+            assert secret.encode() not in content, name
+    model = MaskRCNN.load(fs.open(f"{s3.name}/out/model.pt", "rb"))
+    assert model.class_names[1:] == ("circle", "square", "triangle", "star", "hexagon")
+    assert outcome["epoch"] == 1
+
+
+# -----------------------------------------------------------------------------------------------
+# The parts
+
+
+@pytest.mark.parametrize("warmup", [0, 5])
+def test_step_schedule_is_torchs_warmup_then_multistep(warmup):
+    total, milestones, gamma, factor = 40, steps_at_epochs((4, 7), 5), 0.1, 1e-3
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([parameter], lr=0.5)
+    schedulers = [torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma)]
+    if warmup:
+        schedulers.insert(0, torch.optim.lr_scheduler.LinearLR(optimizer, factor, 1.0, total_iters=warmup))
+    chained = torch.optim.lr_scheduler.ChainedScheduler(schedulers)
+    for step in range(total):
+        ours = 0.5 * lr_factor(step, total, warmup, factor, "step", milestones, gamma)
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(ours, rel=1e-9), step
+        optimizer.step()
+        chained.step()
+
+
+def test_cosine_schedule_is_torchs_cosine_annealing():
+    total = 30
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([parameter], lr=0.1)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    for step in range(total + 1):
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * lr_factor(step, total, 0, 1.0, "cosine", [], 0.1), abs=1e-12)
+        optimizer.step()
+        cosine.step()
+
+
+def test_torchvision_weights_start_a_model_of_other_classes():
+    import torchvision
+
+    torch.manual_seed(0)
+    theirs = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91)
+    state_dict = theirs.state_dict()
+    settings = TrainSettings(train_json="x", train_images="y", output="z")
+    config = model_config(settings, ("__background__", "a", "b"), None, init_is_torchvision=True)
+    assert config.backbone == "resnet50" and config.backbone_norm == "frozen" and config.num_classes == 3
+    model = MaskRCNN(config)
+    remade = load_initial_weights(model, state_dict)
+    assert remade == ["roi_heads.box_predictor.bbox_pred", "roi_heads.box_predictor.cls_score",
+                      "roi_heads.mask_predictor.mask_fcn_logits"]
+    ours = model.state_dict()
+    for key, value in state_dict.items():
+        if key.endswith("num_batches_tracked"):  # torchvision's frozen BatchNorm keeps none; neither do we
+            assert key not in ours
+        elif key.startswith(tuple(remade)):
+            assert ours[key].shape[0] != value.shape[0]
+        else:
+            assert torch.equal(ours[key], value), key
+
+
+def test_our_checkpoint_starts_a_model_of_other_classes(tmp_path):
+    torch.manual_seed(0)
+    source = MaskRCNN(MaskRCNNConfig.light(4, **{k: tuple(v) if isinstance(v, list) else v for k, v in TINY.items()}))
+    source.save(tmp_path / "source.pt", weights_dtype="float16")
+    from pipeline.training import initial_state, read_weights_file
+
+    init_config, state_dict = initial_state(read_weights_file(str(tmp_path / "source.pt")))
+    settings = TrainSettings(train_json="x", train_images="y", output="z", model_options={"max_size": 128})
+    config = model_config(settings, ("__background__", "a", "b", "c", "d", "e"), init_config)
+    assert config.fpn_channels == 64 and config.max_size == 128 and config.num_classes == 6
+    model = MaskRCNN(config)
+    assert len(load_initial_weights(model, state_dict)) == 3
+    assert torch.equal(model.state_dict()["backbone.fpn.inner_blocks.0.0.weight"],
+                       source.state_dict()["backbone.fpn.inner_blocks.0.0.weight"].half().float())
+
+
+def test_weights_of_another_architecture_are_refused():
+    settings = TrainSettings(train_json="x", train_images="y", output="z")
+    config = model_config(settings, ("__background__", "a"), None)
+    model = MaskRCNN(config)
+    other = MaskRCNN(config.replace(fpn_channels=64)).state_dict()
+    with pytest.raises(TrainingError, match="do not fit this model"):
+        load_initial_weights(model, other)
+
+
+def test_from_scratch_trains_batchnorm_and_exports_it_frozen(tmp_path):
+    settings = TrainSettings(train_json="x", train_images="y", output="z")
+    config = model_config(settings, ("__background__", "a", "b"), None)
+    assert config.backbone_norm == "batch" and config.trainable_backbone_layers == 5
+    torch.manual_seed(0)
+    model = MaskRCNN(config.replace(min_size=(64,), max_size=64)).train()
+    # Some batch statistics, so that the running averages are not the identity.
+    images = [torch.rand(3, 64, 64) for _ in range(2)]
+    boxes = torch.tensor([[10.0, 10.0, 40.0, 40.0]])
+    masks = torch.zeros(1, 64, 64, dtype=torch.uint8)
+    masks[0, 10:40, 10:40] = 1
+    targets = [{"boxes": boxes, "labels": torch.tensor([1]), "masks": masks}] * 2
+    sum(model(images, targets).values()).backward()
+    checkpoint = {"config": model.config.to_dict(), "state_dict": model.state_dict(), "epoch": 1, "step": 1, "metrics": []}
+    exported = export_model(checkpoint, str(tmp_path / "model.pt"))
+    loaded = MaskRCNN.load(tmp_path / "model.pt")
+    assert loaded.config.backbone_norm == "frozen"
+    image = torch.rand(3, 64, 64)
+    model.eval()
+    # The trained BatchNorm in eval mode and the frozen one it became are the same map.
+    a, b = model.backbone(model.transform([image])[0]), loaded.backbone(loaded.transform([image])[0])
+    for level in a:
+        torch.testing.assert_close(a[level], b[level], rtol=1e-4, atol=1e-4)
+    assert exported.config == loaded.config
+
+
+def test_settings_errors_name_the_option():
+    with pytest.raises(ValueError, match="workers must be at least 1"):
+        TrainSettings(train_json="x", train_images="y", output="z", workers=0)
+    with pytest.raises(ValueError, match="both --val-json and --val-images"):
+        TrainSettings(train_json="x", train_images="y", output="z", val_json="v")
+    settings = TrainSettings(train_json="x", train_images="y", output="z", model_options={"no_such_field": 1})
+    with pytest.raises(TrainingError, match="unknown model option"):
+        model_config(settings, ("__background__", "a"), None)
+
+
+def test_bad_training_data_stops_the_job_before_any_worker(tmp_path):
+    write_shapes(str(tmp_path / "data"), 2, seed=1, size=(64, 64))
+    (tmp_path / "data" / "images" / "000001.png").unlink()
+    settings = TrainSettings(train_json=str(tmp_path / "data" / "annotations.json"),
+                             train_images=str(tmp_path / "data" / "images"), output=str(tmp_path / "out"))
+    from pipeline.coco import CocoDataError
+
+    with pytest.raises(CocoDataError, match="000001.png"):
+        train(settings, log=lambda _: None)
