@@ -10,7 +10,7 @@ commit; the time to start Ray and load the model is reported beside it).
 Memory: peak RSS of the driver and of the actors (sampled every 50 ms), for a job of N and one
 of 10·N images; bounded memory means the 10·N peaks are within 1.2x of the N peaks.
 
-    python bench/pipeline.py                    # 64 images of 320x480, light model, 2 threads
+    python bench/pipeline.py                    # 256 images of 480x320, the demo model, 2 threads
     python bench/pipeline.py --images 128 --no-memory
     python bench/pipeline.py --weights model/weights/shapes_light.pt
 """
@@ -174,7 +174,7 @@ def memory_child(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=64, help="N, images of the throughput run and the small memory run")
+    parser.add_argument("--images", type=int, default=256, help="N, images of the throughput run and the small memory run")
     parser.add_argument("--height", type=int, default=320)
     parser.add_argument("--width", type=int, default=480)
     parser.add_argument("--batch-size", type=int, default=2)

@@ -10,7 +10,7 @@ decoding with inference itself (pipeline.worker).
 
 The driver: check storage and weights (fail fast), write or read back the plan, start one
 actor per GPU (or per ``cpus_per_actor`` CPUs), keep two shards in flight per actor (one
-running, one reading ahead), retry the shards of actors that died on fresh actors, show a
+running, one queued), retry the shards of actors that died on fresh actors, show a
 progress bar, and write the manifest's totals at the end.
 """
 
@@ -37,7 +37,10 @@ from pipeline.writer import finished_shards
 
 log = logging.getLogger("maskray.segment")
 
-SHARDS_IN_FLIGHT_PER_ACTOR = 2  # one running, one reading ahead
+# One running, one queued in the actor, so that it never waits for the driver between shards.
+# The actor runs them one at a time: a threaded actor (max_concurrency=2) measured 15% slower,
+# its inference hopping between executor threads (bench/pipeline.py, BENCHMARKS.md).
+SHARDS_IN_FLIGHT_PER_ACTOR = 2
 MAX_SHARD_ATTEMPTS = 3
 
 
@@ -259,7 +262,15 @@ def _make_actor_class():
             return os.getpid()
 
         def process(self, shard: Shard) -> dict:
-            summary = self.worker.process(shard, on_progress=lambda n: self.board.report.remote(shard.index, n))
+            last = [0.0]
+
+            def report(images: int) -> None:
+                # At most twice a second: each report is a remote call, and the driver polls that often.
+                if time.monotonic() - last[0] >= 0.5:
+                    last[0] = time.monotonic()
+                    self.board.report.remote(shard.index, images)
+
+            summary = self.worker.process(shard, on_progress=report)
             summary["node"] = ray.get_runtime_context().get_node_id()
             return summary
 
@@ -323,7 +334,7 @@ def _execute(job: SegmentJob, weights, manifest: Manifest, plan: Plan, todo: lis
     threads = int(resources.get("num_cpus", 1)) if "num_gpus" not in resources else None
     board = _make_board_class().remote()
     actor_class = _make_actor_class()
-    actor_options = dict(resources, max_concurrency=SHARDS_IN_FLIGHT_PER_ACTOR, max_restarts=0)
+    actor_options = dict(resources, max_concurrency=1, max_restarts=0)
     weights_ref = ray.put(weights)
     metadata = {"job_id": manifest.job_id, "weights": json.dumps(manifest.weights), "versions": json.dumps(manifest.versions),
                 "config": json.dumps(manifest.config)}
