@@ -34,6 +34,7 @@ bench: setup
 	$(BIN)/python bench/roi_ops.py
 	$(BIN)/python bench/model.py --light
 	$(BIN)/python bench/pipeline.py
+	$(BIN)/python bench/train.py
 
 # Compile-only check of the CUDA kernels (needs nvcc, not a GPU).
 cuda-check: setup

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.data import DistributedSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -37,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from model import LOSS_NAMES, MaskRCNN  # noqa: E402
 from pipeline.coco import CocoDataset, RandomHorizontalFlip, collate  # noqa: E402
 from pipeline.shapes import write_shapes  # noqa: E402
-from pipeline.training import TrainSettings, model_config, read_metrics, train  # noqa: E402
+from pipeline.training import TrainSettings, make_optimizer, model_config, read_metrics, train  # noqa: E402
 
 # The demo model's architecture (model/weights/README.md).
 SHAPES_OPTIONS = {"min_size": (112, 144, 128), "max_size": 192, "representation_size": 256,
@@ -45,19 +46,23 @@ SHAPES_OPTIONS = {"min_size": (112, 144, 128), "max_size": 192, "representation_
                   "rpn_pre_nms_top_n_test": 300, "rpn_post_nms_top_n_test": 150, "box_batch_size_per_image": 64}
 
 
-def plain_loop(settings: TrainSettings, threads: int) -> list[float]:
-    """Images/s of each epoch of a single-process loop without Ray."""
+def plain_loop(settings: TrainSettings, threads: int) -> dict[str, list[float]]:
+    """Images/s and mean loss of each epoch of a single-process loop without Ray: the job's own data order
+    (its sampler and seed), optimiser, schedule and clipping, so that both do the same work.
+    Mask R-CNN's cost per step depends on where training is (how many proposals survive, how
+    many RoIs are positive), so a loop on another learning-rate schedule is not comparable."""
     torch.set_num_threads(threads)
     torch.manual_seed(settings.seed)
     dataset = CocoDataset(settings.train_json, settings.train_images, check_files=False)
-    loader = torch.utils.data.DataLoader(RandomHorizontalFlip(dataset), batch_size=settings.batch_size, shuffle=True,
+    sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=settings.seed)
+    loader = torch.utils.data.DataLoader(RandomHorizontalFlip(dataset), batch_size=settings.batch_size, sampler=sampler,
                                          collate_fn=collate)
     model = MaskRCNN(model_config(settings, dataset.class_names, None)).train()
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(parameters, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
-    rates = []
-    for _ in range(settings.epochs):
-        started, images = time.perf_counter(), 0
+    parameters, optimizer, scheduler = make_optimizer(model, settings, len(loader))
+    rates, mean_losses = [], []
+    for epoch in range(settings.epochs):
+        sampler.set_epoch(epoch)
+        started, images, loss_sum = time.perf_counter(), 0, 0.0
         for batch, targets in loader:
             for target in targets:
                 target.pop("skipped")
@@ -65,11 +70,15 @@ def plain_loop(settings: TrainSettings, threads: int) -> list[float]:
             loss = sum(losses.values())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if settings.clip_grad_norm:
+                torch.nn.utils.clip_grad_norm_(parameters, settings.clip_grad_norm)
             optimizer.step()
-            [losses[k].item() for k in LOSS_NAMES]  # the job reads its losses out each step too
+            scheduler.step()
+            loss_sum += sum(losses[k].item() for k in LOSS_NAMES)  # the job reads its losses out each step too
             images += len(batch)
         rates.append(images / (time.perf_counter() - started))
-    return rates
+        mean_losses.append(loss_sum / len(loader))
+    return {"rates": rates, "losses": mean_losses}
 
 
 RAY_WORKER_NICENESS = 15  # Ray's default worker_niceness
@@ -115,9 +124,11 @@ def main() -> None:
         started = time.perf_counter()
         train(settings, log=lambda _: None)
         job_seconds = time.perf_counter() - started
-        ray_rates = [float(row["images_per_s"]) for row in read_metrics(settings.output)]
+        ray_rows = read_metrics(settings.output)
+        ray_rates = [float(row["images_per_s"]) for row in ray_rows]
+        ray_losses = [float(row["loss"]) for row in ray_rows]
         plain_after = plain_in_child(args, settings)
-    plain = [(a + b) / 2 for a, b in zip(plain_before, plain_after)]
+    plain = [(a + b) / 2 for a, b in zip(plain_before["rates"], plain_after["rates"])]
 
     steps_per_epoch = -(-args.images // args.batch_size)
     result = {
@@ -127,11 +138,16 @@ def main() -> None:
         "steps_per_epoch": steps_per_epoch, "threads": args.threads, "batch_size": args.batch_size, "images": args.images,
         "size": args.size, "epochs": args.epochs, "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
     }
-    result["plain_images_per_s_before_after"] = [plain_before[-1], plain_after[-1]]
-    print(f"plain loop : {result['plain_iterations_per_s']:.3f} it/s ({plain[-1]:.2f} images/s; before {plain_before[-1]:.2f}, "
-          f"after {plain_after[-1]:.2f})")
+    result["plain_images_per_s_before_after"] = [plain_before["rates"][-1], plain_after["rates"][-1]]
+    # The same work on both sides: the same data order and schedule give the same losses
+    # (to float rounding; the DDP-free and Ray-hosted models run the same ops).
+    result["mean_loss_per_epoch"] = {"plain": plain_before["losses"], "ray": ray_losses}
+    print(f"plain loop : {result['plain_iterations_per_s']:.3f} it/s ({plain[-1]:.2f} images/s; before "
+          f"{plain_before['rates'][-1]:.2f}, after {plain_after['rates'][-1]:.2f})")
     print(f"Ray Train  : {result['ray_iterations_per_s']:.3f} it/s ({ray_rates[-1]:.2f} images/s), epochs {[round(r, 2) for r in ray_rates]}; "
           f"job wall time {job_seconds:.1f} s (Ray start, workers, checkpoints, export)")
+    print(f"mean loss per epoch: plain {[round(x, 4) for x in plain_before['losses']]}, "
+          f"Ray Train {[round(x, 4) for x in ray_losses]} (the same work when they agree)")
     print(f"ratio Ray / plain: {result['ratio']:.3f} (target >= 0.9)")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

@@ -265,6 +265,20 @@ def lr_factor(step: int, total_steps: int, warmup_iters: int, warmup_factor: flo
     return warm * decay
 
 
+def make_optimizer(model: torch.nn.Module, settings: TrainSettings, steps_per_epoch: int):
+    """SGD over the trainable parameters and its per-step schedule, as ``settings`` asks.
+    Returns (parameters, optimizer, scheduler); bench/train.py's plain loop uses it too."""
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(parameters, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
+    total_steps = settings.epochs * steps_per_epoch
+    milestones = steps_at_epochs(settings.lr_steps or default_lr_steps(settings.epochs), steps_per_epoch)
+    warmup = min(settings.warmup_iters, total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps, warmup, settings.warmup_factor, settings.schedule,
+                                          milestones, settings.lr_gamma))
+    return parameters, optimizer, scheduler
+
+
 # ----------------------------------------------------------------------------------------------
 # Metrics files
 
@@ -385,15 +399,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     model.to(device)
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False)
 
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(parameters, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
     steps_per_epoch = len(loader)
-    total_steps = settings.epochs * steps_per_epoch
-    milestones = steps_at_epochs(settings.lr_steps or default_lr_steps(settings.epochs), steps_per_epoch)
-    warmup = min(settings.warmup_iters, total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, warmup, settings.warmup_factor, settings.schedule,
-                                          milestones, settings.lr_gamma))
+    parameters, optimizer, scheduler = make_optimizer(model, settings, steps_per_epoch)
     use_amp = settings.amp if settings.amp is not None else device.type == "cuda"
     use_amp = use_amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
