@@ -1,13 +1,18 @@
 """Joining a Ray cluster, or starting a private one on this machine.
 
 Every job (segment, train) connects the same way: the cluster at ``--address`` or
-RAY_ADDRESS when given (``ray job submit`` sets RAY_ADDRESS); otherwise a local cluster bound
-to 127.0.0.1 only, without the dashboard, so that nothing listens on the machine's other
-addresses. A Ray this process already started (tests, notebooks) is reused.
+RAY_ADDRESS when given (``ray job submit`` sets RAY_ADDRESS); otherwise a local cluster that
+listens on 127.0.0.1 only (its GCS, raylet, object manager, workers, agents and dashboard),
+so that nothing is reachable from the machine's other addresses. A Ray this process already
+started (tests, notebooks) is reused.
 """
 
 import logging
 import os
+
+# Ray picks a local node's address when it is imported: with this set to 0 it takes the
+# loopback address (and so binds its servers there) instead of the machine's outward one.
+_LOOPBACK_ONLY_VARIABLE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 def connect_ray(address: str | None = None, dashboard: bool = False) -> None:
@@ -22,6 +27,22 @@ def connect_ray(address: str | None = None, dashboard: bool = False) -> None:
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        _loopback_only()
         ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=dashboard, dashboard_host="127.0.0.1",
                  logging_level=logging.WARNING)
+
+
+def _loopback_only() -> None:
+    """Makes the local cluster that ray.init starts next take 127.0.0.1 as its node address.
+
+    ``ray.init(_node_ip_address="127.0.0.1")`` alone is not enough: Ray swaps a loopback address
+    for the machine's outward one, and its agents and gRPC servers then listen on that address
+    or on all of them (0.0.0.0, ::). Ray keeps it from doing so when the variable above is 0.
+    The cluster's processes read it from the environment they inherit; this process read it
+    when it imported ray, which may have been before now, so its copy is set as well. Only for
+    a cluster started here: a driver joining a real cluster must keep its outward address.
+    """
+    os.environ[_LOOPBACK_ONLY_VARIABLE] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
