@@ -27,12 +27,12 @@ def connect_ray(address: str | None = None, dashboard: bool = False) -> None:
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
-        _loopback_only()
+        loopback_only()
         ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=dashboard, dashboard_host="127.0.0.1",
                  logging_level=logging.WARNING)
 
 
-def _loopback_only() -> None:
+def loopback_only() -> None:
     """Makes the local cluster that ray.init starts next take 127.0.0.1 as its node address.
 
     ``ray.init(_node_ip_address="127.0.0.1")`` alone is not enough: Ray swaps a loopback address

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import pytest
 
-# Ray must bind to 127.0.0.1, never the machine's other addresses.
+# Ray must bind to 127.0.0.1, never the machine's other addresses: this covers a test that calls
+# ray.init itself before ray is imported; the fixtures below make sure of it either way.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
@@ -86,7 +87,10 @@ def ray_local():
     (``ray_cluster``) and the next user of this fixture starts it again."""
     import ray
 
+    from pipeline.cluster import loopback_only
+
     if not ray.is_initialized():
+        loopback_only()  # Ray must bind to 127.0.0.1, never the machine's other addresses
         ray.init(address="local", **RAY_TEST_OPTIONS)
     yield ray
 
@@ -99,7 +103,10 @@ def ray_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
+    from pipeline.cluster import loopback_only
+
     ray.shutdown()
+    loopback_only()
     cluster = Cluster(
         initialize_head=True,
         head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False,
