@@ -88,16 +88,17 @@ class ImageTransform(nn.Module):
         height, width = image.shape[-2:]
         min_size = self.choose_min_size()
         scale = min(min_size / min(height, width), self.max_size / max(height, width))
-        image = F.interpolate(
-            image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True, align_corners=False
-        )[0]
+        # floor(side * scale), as interpolate's recompute_scale_factor computes it, but at least one
+        # pixel: a strip wider than max_size:1 (20000x1) would otherwise shrink to nothing and fail.
+        size = [max(1, math.floor(side * scale)) for side in (height, width)]
+        image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
         if target is None:
             return image, None
         target = dict(target)
         target["boxes"] = resize_boxes(target["boxes"], (height, width), tuple(image.shape[-2:]))
         if "masks" in target:
             masks = target["masks"][:, None].float()
-            target["masks"] = F.interpolate(masks, scale_factor=scale, recompute_scale_factor=True)[:, 0].byte()
+            target["masks"] = F.interpolate(masks, size=size)[:, 0].byte()
         return image, target
 
     def batch(self, images: list[Tensor]) -> Tensor:

@@ -3,8 +3,10 @@
 ``decode_image`` turns the bytes of a JPEG, PNG, WebP, BMP, TIFF or GIF (first frame) into a
 uint8 Tensor[3, H, W] as the image is meant to be seen: EXIF orientation applied; grayscale,
 RGBA, palette, CMYK and 16-bit images converted to 8-bit RGB. Anything that cannot become such
-a tensor raises ``ImageDecodeError`` with a message that says what is wrong with the file, so
-that the pipeline can write it as an error row and go on.
+a tensor raises ``ImageDecodeError`` with a message that says what is wrong with the file (cut
+short, damaged, over the pixel limit, or no image at all: an HTML error page, a PDF, text, a
+HEIC photo), so that the pipeline can write it as an error row and go on; whatever Pillow
+raises on a damaged file becomes that error, never an exception that would fail a shard.
 
 Pillow does the decoding: it reads every format above (torchvision.io lacks BMP and TIFF), it
 reports the size from the header before decoding, which is where the pixel limit is checked,
@@ -27,6 +29,11 @@ DEFAULT_MAX_PIXELS = 200_000_000
 Image.MAX_IMAGE_PIXELS = None
 # A truncated file is an error, never an image padded with grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+# Pillow's warnings about odd but readable files ("Corrupt EXIF data", ...) would flood a job's
+# logs. Filtered once here, for Pillow's modules only: warnings.catch_warnings around each
+# decode is not thread-safe (the worker decodes in a thread pool), and interleaved exits can
+# leave every warning of the process switched off.
+warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
@@ -47,9 +54,11 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Ten
     try:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        raise ImageDecodeError(f"not an image: no known image format in its first bytes {data[:8]!r}") from None
+        raise ImageDecodeError(describe_unreadable(data)) from None
     except Exception as error:  # a header that Pillow recognised and then could not parse
-        raise ImageDecodeError(f"corrupt image header: {error}") from None
+        kind = image_format_of(data)
+        claimed = f" (a {kind} file, by its first bytes)" if kind else ""
+        raise ImageDecodeError(f"corrupt image header: {error}{claimed}") from None
     with image:
         width, height = image.size
         if width < 1 or height < 1:
@@ -60,17 +69,20 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Ten
                 f"{max_pixels:,} (a decompression bomb, or raise --max-pixels)"
             )
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # Pillow's warnings about odd but readable files
-                image.seek(0)  # GIF, TIFF and WebP may hold several frames: the first one
-                image.load()
-                image = ImageOps.exif_transpose(image)
-                return _to_rgb_tensor(image)
+            image.seek(0)  # GIF, TIFF and WebP may hold several frames: the first one
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return _to_rgb_tensor(image)
         except ImageDecodeError:
             raise
         except (OSError, SyntaxError, ValueError, EOFError, IndexError, MemoryError) as error:
             # Pillow's words for a broken file: "image file is truncated", "broken data stream", ...
             raise ImageDecodeError(f"cannot decode {image.format} image ({width}x{height}): {error}") from None
+        except Exception as error:  # noqa: BLE001 - a damaged file can make Pillow's loaders fail in any way
+            # (a TIFF whose strip offsets are floats raises TypeError): still this file's fault, so
+            # an error row, never an exception that fails the whole shard.
+            raise ImageDecodeError(f"cannot decode {image.format} image ({width}x{height}), a damaged file: "
+                                   f"{type(error).__name__}: {error}") from None
 
 
 def _to_rgb_tensor(image: Image.Image) -> torch.Tensor:
@@ -90,3 +102,86 @@ def _to_rgb_tensor(image: Image.Image) -> torch.Tensor:
         # CMYK, YCbCr, L, 1 and palettes are converted by Pillow.
         rgb = np.array(image.convert("RGB"), dtype=np.uint8)
     return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
+
+
+# What a file that Pillow cannot open is, by its first bytes, so that its error row says so.
+_IMAGE_SIGNATURES = (
+    (b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+    (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"8BPS", "PSD"), (b"BM", "BMP"),
+)
+_OTHER_SIGNATURES = (
+    (b"%PDF", "not an image: a PDF document"),
+    (b"PK\x03\x04", "not an image: a ZIP archive (an Office document, an EPUB, ...)"),
+    (b"\x1f\x8b", "not an image: a gzip archive"),
+)
+# ISO base media files (``....ftyp<brand>``): HEIF photos (iPhones) and videos.
+_HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1"}
+
+
+def image_format_of(data: bytes) -> str | None:
+    """The image format ``data`` claims by its first bytes (Pillow's name: JPEG, PNG, GIF, TIFF, PSD, BMP, WEBP), or None."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return next((kind for signature, kind in _IMAGE_SIGNATURES if data.startswith(signature)), None)
+
+
+def describe_unreadable(data: bytes) -> str:
+    """Why Pillow found no image in ``data``: a damaged header of a known image format, a
+    format this decoder lacks, or a file of another kind (an HTML error page saved in place of
+    the image, a PDF, text), named as such."""
+    for signature, message in _OTHER_SIGNATURES:
+        if data.startswith(signature):
+            return message
+    if data[4:8] == b"ftyp":
+        brand = data[8:12]
+        if brand in _HEIF_BRANDS:
+            return "unsupported image format: HEIC/HEIF (this Pillow has no HEIF decoder: convert it to JPEG or PNG)"
+        if brand in (b"avif", b"avis"):
+            return "corrupt image header: an AVIF file that Pillow cannot read"
+        return f"not an image: an ISO media file of brand '{brand.decode('latin-1')}' (a video?)"
+    kind = image_format_of(data)
+    text = _as_text(data[:1024])
+    if kind is not None and not (kind == "BMP" and text is not None):  # "BM" also starts words
+        reason = _reader_reason(kind, data)
+        return f"corrupt image header: a {kind} file (by its first bytes) that Pillow's {kind} reader refuses{reason}"
+    if text is not None:
+        start = text.lstrip("\ufeff \t\r\n")
+        lowered = start[:200].lower()
+        if lowered.startswith(("<!doctype html", "<html")) or "<html" in lowered:
+            what = "an HTML page (an error page saved in place of the image?)"
+        elif lowered.startswith("<svg") or ("<?xml" in lowered and "<svg" in text.lower()):
+            return "unsupported image format: SVG, a vector drawing (render it to PNG first)"
+        elif lowered.startswith("<?xml") or lowered.startswith("<"):
+            what = "an XML document"
+        elif lowered.startswith(("{", "[")):
+            what = "JSON or other text"
+        else:
+            what = "text"
+        return f"not an image: {what}, starting {start[:40]!r}"
+    return f"not an image: no known image format in its first bytes {data[:8]!r}"
+
+
+def _reader_reason(kind: str, data: bytes) -> str:
+    """Pillow's own reason for refusing ``data`` as ``kind`` ("no more images in GIF file"), which
+    Image.open does not pass on; empty when it gives none worth reading."""
+    try:
+        Image.init()
+        factory, _ = Image.OPEN[kind]
+        factory(io.BytesIO(data), "").close()
+    except Exception as error:  # noqa: BLE001 - the reason is all we want from it
+        reason = str(error)
+        unhelpful = reason == "not identified by this driver" or not any(c.isalpha() for c in reason)
+        return "" if unhelpful else f": {reason}"
+    return ""
+
+
+def _as_text(head: bytes) -> str | None:
+    """``head`` as text when it reads as UTF-8 text (a multi-byte character cut at the end allowed)."""
+    if b"\x00" in head:
+        return None
+    text = head.decode("utf-8", errors="replace")
+    body = text[:-3] if len(head) == 1024 else text  # a character cut by the 1 KB slice
+    if "\ufffd" in body:
+        return None
+    printable = sum(c.isprintable() or c in "\t\r\n" for c in body)
+    return text if body and printable >= 0.95 * len(body) else None

@@ -305,6 +305,19 @@ def test_eval_with_no_detections(eval_images):
     assert detection["masks"] == [] and detection["areas"].shape == (0,) and detection["areas"].dtype == torch.int64
 
 
+@pytest.mark.parametrize("height, width", [(1, 20000), (20000, 1), (3, 2000)])
+def test_very_thin_strips_are_resized_to_at_least_one_pixel(light_model, height, width):
+    """A strip wider than max_size:1 would shrink to zero pixels across; it keeps one instead and
+    gives detections in its own coordinates, masks of its own size."""
+    image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    batch, sizes, _ = light_model.transform([image])
+    assert min(sizes[0]) == 1 and max(sizes[0]) <= light_model.config.max_size
+    (detection,) = light_model([image])
+    assert all(mask["size"] == [height, width] for mask in detection["masks"])
+    boxes = detection["boxes"]
+    assert bool((boxes[:, 2] <= width).all() and (boxes[:, 3] <= height).all())
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
 def test_eval_of_other_float_dtypes(light_model, eval_images, dtype):
     image = eval_images[1]
