@@ -11,6 +11,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from jobs.arguments import positive_int
+
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_WEIGHTS = ROOT / "model" / "weights" / "shapes_light.pt"
 QUERIES = {
@@ -22,12 +24,13 @@ QUERIES = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dir", type=Path, default=Path("maskray-demo"), help="where the demo writes (default ./maskray-demo)")
-    parser.add_argument("--images", type=int, default=24, help="sample images to make (default 24)")
+    parser.add_argument("--images", type=positive_int, default=24, help="sample images to make (default 24)")
     parser.add_argument("--weights", default=None, help=f"weights to use (default: the demo model, {DEMO_WEIGHTS.relative_to(ROOT)})")
 
 
 def run(args: argparse.Namespace) -> int:
     from jobs.cli import main as maskray
+    from pipeline.manifest import MANIFEST_FILE
     from pipeline.segment import SegmentJob, run_segment
     from pipeline.shapes import write_shapes
 
@@ -37,7 +40,12 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"1. sample images: {args.images} synthetic shape images in {images}/images")
     write_shapes(str(images), args.images, seed=2026)
-    shutil.rmtree(output, ignore_errors=True)  # the demo starts over; a real job resumes instead
+    if output.exists():
+        # The demo starts over (a real job resumes instead), but deletes only a maskray output.
+        if not (output / MANIFEST_FILE).exists():
+            print(f"maskray demo: error: {output} exists and is not a maskray output; choose another --dir", file=sys.stderr)
+            return 2
+        shutil.rmtree(output)
 
     print(f"2. segment: local Ray cluster, weights {weights}, Parquet into {output}")
     print(f"   (the same as: maskray segment {images}/images {output} --weights {weights})")

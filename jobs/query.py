@@ -19,11 +19,13 @@ def run(args: argparse.Namespace) -> int:
     import duckdb
 
     from pipeline.query import connect
+    from pipeline.storage import StorageError, redact, secret_values
 
     try:
         con = connect(args.output, args.storage_options)
         relation = con.sql(args.sql)
-    except (duckdb.Error, FileNotFoundError) as error:
+    except (duckdb.Error, OSError, StorageError, ValueError) as error:  # OSError: FileNotFoundError, refused access
+        error = redact(str(error), secret_values(args.storage_options))
         print(f"maskray query: error: {error}", file=sys.stderr)
         return 2
     if relation is None:  # a statement without a result

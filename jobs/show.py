@@ -5,7 +5,7 @@ ends exactly one of them."""
 import argparse
 import sys
 
-from jobs.arguments import add_storage_options_argument
+from jobs.arguments import add_storage_options_argument, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -13,13 +13,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("image", metavar="IMAGE_URI", help="the image: its image_uri, or a unique path suffix or file name")
     parser.add_argument("-o", "--out", default="overlay.png", help="where to write the PNG (default overlay.png)")
     parser.add_argument("--min-score", type=float, default=0.0, help="draw only instances scoring at least this")
-    parser.add_argument("--scale", type=int, default=None,
+    parser.add_argument("--scale", type=positive_int, default=None,
                         help="enlarge the picture this many times (default: small images to about 512 px, others 1)")
     add_storage_options_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.show import auto_scale, find_image_uri, render_overlay
+    from pipeline.storage import StorageError, redact, secret_values
 
     try:
         scale = args.scale
@@ -27,8 +28,9 @@ def run(args: argparse.Namespace) -> int:
             row = find_image_uri(args.output, args.image, args.storage_options)
             scale = auto_scale(row["height"] or 512, row["width"] or 512)
         picture, count = render_overlay(args.output, args.image, args.storage_options, args.min_score, scale=scale)
-    except (LookupError, ValueError, FileNotFoundError) as error:
-        print(f"maskray show: error: {error.args[0] if error.args else error}", file=sys.stderr)
+    except (LookupError, ValueError, OSError, StorageError) as error:  # OSError: FileNotFoundError, refused access
+        message = str(error.args[0]) if isinstance(error, LookupError) and error.args else str(error)
+        print(f"maskray show: error: {redact(message, secret_values(args.storage_options))}", file=sys.stderr)
         return 2
     picture.save(args.out)
     print(f"{args.out}: {count} instances drawn on {args.image} ({picture.width}x{picture.height})")

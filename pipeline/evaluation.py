@@ -50,10 +50,24 @@ def coco_ground_truth(data: dict):
     """A pycocotools COCO object over an already loaded instances JSON (quietly)."""
     from pycocotools.coco import COCO
 
+    from pycocotools import mask as mask_utils
+
     coco = COCO()
     coco.dataset = copy.deepcopy(data)
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
+    # COCOeval needs each annotation's area (its size ranges, and crowd matching) and box;
+    # COCO files made by other tools often leave them out. Fill them in from the mask, as COCO's
+    # own files define them (a box-only annotation's area is its box's).
+    for annotation in coco.dataset.get("annotations", []):
+        if "area" in annotation and "bbox" in annotation:
+            continue
+        if annotation.get("segmentation"):
+            rle = coco.annToRLE(annotation)
+            annotation.setdefault("area", float(mask_utils.area(rle)))
+            annotation.setdefault("bbox", [float(v) for v in mask_utils.toBbox(rle)])
+        elif "bbox" in annotation:
+            annotation.setdefault("area", float(annotation["bbox"][2] * annotation["bbox"][3]))
     return coco
 
 
@@ -70,7 +84,10 @@ def coco_evaluate(ground_truth: dict, results: list[dict], iou_types: Sequence[s
     gt = coco_ground_truth(ground_truth)
     metrics: dict[str, float] = {}
     for iou_type in iou_types:
-        typed = results if iou_type == "bbox" else [r for r in results if "segmentation" in r]
+        # Mask results without their boxes: pycocotools' loadRes would take a result's area
+        # from its box when it has one, putting masks in the wrong size range (APs/APm/APl).
+        typed = results if iou_type == "bbox" else [{k: v for k, v in r.items() if k != "bbox"} for r in results
+                                                    if "segmentation" in r]
         if not typed:
             metrics.update({f"{iou_type}_{name}": 0.0 for name in STAT_NAMES})
             continue

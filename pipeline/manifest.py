@@ -15,6 +15,7 @@ from typing import Any
 
 from fsspec import AbstractFileSystem
 
+from pipeline.retry import RetryPolicy, retry_call
 from pipeline.storage import join
 from pipeline.writer import write_bytes_atomically
 
@@ -52,9 +53,10 @@ class Manifest:
     @classmethod
     def read(cls, fs: AbstractFileSystem, output: str) -> "Manifest | None":
         path = join(output, MANIFEST_FILE)
-        if not fs.exists(path):
+        try:  # one GET, retried through throttling and dropped connections; a missing file is final
+            data = json.loads(retry_call(lambda: fs.cat_file(path), RetryPolicy()))
+        except FileNotFoundError:
             return None
-        data = json.loads(fs.cat_file(path))
         if data.get("format") != FORMAT:
             raise ValueError(f"{path}: not a maskray segmentation manifest")
         known = cls.__dataclass_fields__

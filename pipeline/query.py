@@ -1,7 +1,7 @@
 """Reading a job's output: DuckDB views and pyarrow datasets, local or on object storage.
 
 ``connect(OUTPUT)`` gives a DuckDB connection with the views ``instances`` and ``images``
-over the part files; ``open_table(OUTPUT, "instances")`` gives a ``pyarrow.dataset.Dataset``
+over the committed part files (those of shards with a done-marker); ``open_table(OUTPUT, "instances")`` gives a ``pyarrow.dataset.Dataset``
 for any other Parquet tool. On object storage DuckDB reads through the same fsspec filesystem
 the job wrote with (``register_filesystem``), because DuckDB's own httpfs extension is not in
 its wheel and would be downloaded at run time.
@@ -12,17 +12,30 @@ from typing import Any
 
 import pyarrow.dataset as ds
 
+from pipeline.retry import RetryPolicy, retry_call
 from pipeline.storage import full_url, is_local, join, open_url, public_url
-from pipeline.writer import IMAGES, INSTANCES, SCHEMAS
+from pipeline.writer import IMAGES, INSTANCES, SCHEMAS, finished_shards, shard_of_part
 
 TABLES = (INSTANCES, IMAGES)
 
 
-def _part_files(fs, output: str, table: str) -> list[str]:
+def _all_part_files(fs, output: str, table: str) -> list[str]:
+    fs.invalidate_cache(join(output, table))  # a long-lived filesystem must see the parts of now
     try:
-        return sorted(p for p in fs.ls(join(output, table), detail=False) if p.endswith(".parquet"))
+        names = retry_call(lambda: fs.ls(join(output, table), detail=False), RetryPolicy())
+        return sorted(p for p in names if p.endswith(".parquet"))
     except FileNotFoundError:
         return []
+
+
+def _committed_part_files(fs, output: str, table: str) -> tuple[list[str], bool]:
+    """The part files of shards that have their done-marker, and whether those are all there are.
+    A part without a marker is a shard being written now, or one that failed and waits for a
+    rerun; it may lack its other table's part, so readers leave it out."""
+    parts = _all_part_files(fs, output, table)
+    done = finished_shards(fs, output)
+    committed = [p for p in parts if shard_of_part(p) in done]
+    return committed, len(committed) == len(parts)
 
 
 def open_table(output_url: str, table: str, storage_options: Mapping[str, Any] | None = None) -> ds.Dataset:
@@ -30,7 +43,7 @@ def open_table(output_url: str, table: str, storage_options: Mapping[str, Any] |
     if table not in SCHEMAS:
         raise ValueError(f"no table {table!r} in a maskray output; there are {TABLES}")
     fs, output = open_url(output_url, storage_options)
-    return ds.dataset(_part_files(fs, output, table), schema=SCHEMAS[table], format="parquet", filesystem=fs)
+    return ds.dataset(_committed_part_files(fs, output, table)[0], schema=SCHEMAS[table], format="parquet", filesystem=fs)
 
 
 def connect(output_url: str, storage_options: Mapping[str, Any] | None = None, database: str = ":memory:"):
@@ -43,12 +56,18 @@ def connect(output_url: str, storage_options: Mapping[str, Any] | None = None, d
     con = duckdb.connect(database)
     if not is_local(fs):
         con.register_filesystem(fs)
+    def url(path: str) -> str:
+        return full_url(fs, path) if not is_local(fs) else path
+
     for table in TABLES:
-        if _part_files(fs, output, table):
-            # A glob, not a list: the view stays one line for any number of parts, and sees new ones.
-            pattern = join(output, table, "*.parquet")
-            pattern = full_url(fs, pattern) if not is_local(fs) else pattern
-            con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet('{_quote(pattern)}')")
+        committed, everything = _committed_part_files(fs, output, table)
+        if committed and everything:
+            # A glob, not a list: the view stays one line for any number of parts.
+            source = f"'{_quote(url(join(output, table, '*.parquet')))}'"
+        elif committed:  # some parts are not committed: name the committed ones
+            source = "[" + ", ".join(f"'{_quote(url(p))}'" for p in committed) + "]"
+        if committed:
+            con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet({source})")
         else:  # no part yet: an empty view with the table's columns, so queries still run
             columns = ", ".join(f"CAST(NULL AS {_duckdb_type(f.type)}) AS {f.name}" for f in SCHEMAS[table])
             con.execute(f"CREATE VIEW {table} AS SELECT {columns} WHERE false")

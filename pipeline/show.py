@@ -14,7 +14,7 @@ import torch
 
 from pipeline.decode import decode_image
 from pipeline.query import open_table
-from pipeline.storage import open_url
+from pipeline.storage import open_object_url
 from pipeline.writer import IMAGES, INSTANCES
 
 # Distinct, readable colours; a label keeps its colour across images.
@@ -57,7 +57,7 @@ def render_overlay(
     if row["status"] != "ok":
         raise ValueError(f"{row['image_uri']} could not be segmented: {row['error']}")
     uri = row["image_uri"]
-    fs, path = open_url(uri, storage_options if not uri.startswith("file://") else None)
+    fs, path = open_object_url(uri, storage_options if not uri.startswith("file://") else None)
     picture = _enlarge(decode_image(fs.cat_file(path)), scale).contiguous()
     instances = open_table(output_url, INSTANCES, storage_options).to_table(
         filter=(ds.field("image_uri") == uri) & (ds.field("score") >= min_score)

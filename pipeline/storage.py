@@ -16,11 +16,15 @@ from urllib.parse import urlsplit, urlunsplit
 import fsspec
 from fsspec import AbstractFileSystem
 
+from pipeline.retry import error_chain, http_status
+
 # Option names whose values are secrets, at any depth of the storage options (s3fs's
 # key/secret/token, botocore's aws_secret_access_key, gcsfs's token, ...).
 _SECRET_NAME = re.compile(r"(secret|token|password|passwd|key|credential|signature|sas)", re.IGNORECASE)
 # Names that match the pattern above but are not secret.
 _PUBLIC_NAMES = {"key_prefix", "sse_kms_key_id_public"}
+# Query parameters of a URL whose values are secrets (pre-signed S3 and GCS URLs, Azure SAS).
+_SECRET_QUERY_NAME = re.compile(r"(signature|credential|security-token|token|sig$|^sig|secret|key|password)", re.IGNORECASE)
 # Environment variables whose values are secrets, redacted wherever they appear.
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "GOOGLE_APPLICATION_CREDENTIALS",
                "AZURE_STORAGE_KEY", "AZURE_STORAGE_SAS_TOKEN", "AZURE_STORAGE_CONNECTION_STRING")
@@ -38,6 +42,18 @@ def open_url(url: str, storage_options: Mapping[str, Any] | None = None) -> tupl
     return fs, path.rstrip("/") or path
 
 
+def open_object_url(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[AbstractFileSystem, str]:
+    """The filesystem and path of one object's URL as the listing wrote it (``protocol://path``).
+
+    Unlike ``open_url``, ``::`` is never read as a chain of filesystems: it is part of the key
+    (S3 keys and file names may hold it: times, IPv6 addresses), and ``photo::1.jpg`` must be
+    read as itself, not as ``photo``."""
+    protocol, _ = fsspec.core.split_protocol(url)
+    cls = fsspec.get_filesystem_class(protocol or "file")
+    fs = cls(**{**cls._get_kwargs_from_urls(url), **dict(storage_options or {})})
+    return fs, fs._strip_protocol(url)
+
+
 def full_url(fs: AbstractFileSystem, path: str) -> str:
     """The URL of ``path`` on ``fs``, with its protocol: what the output stores as image_uri."""
     return fs.unstrip_protocol(path)
@@ -46,6 +62,28 @@ def full_url(fs: AbstractFileSystem, path: str) -> str:
 def is_local(fs: AbstractFileSystem) -> bool:
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     return "file" in protocols or "local" in protocols
+
+
+def has_buckets(fs: AbstractFileSystem) -> bool:
+    """Whether the first part of a path on ``fs`` is a bucket (object stores; not local files or HTTP)."""
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return not is_local(fs) and not {"http", "https", "memory"} & set(protocols)
+
+
+GLOB_CHARS = ("*", "?", "[")
+
+
+def is_glob(path: str) -> bool:
+    return any(c in path for c in GLOB_CHARS)
+
+
+def glob_base(path: str) -> str:
+    """The folder a glob starts from (``bucket/photos`` for ``bucket/photos/**/*.jpg``); a
+    path without glob characters is its own base."""
+    if not is_glob(path):
+        return path
+    head = path[: min(path.index(c) for c in GLOB_CHARS if c in path)]
+    return head.rsplit("/", 1)[0] if "/" in head else head
 
 
 def join(base: str, *parts: str) -> str:
@@ -80,11 +118,19 @@ def redact(text: str, secrets: Iterable[str]) -> str:
 
 
 def public_url(url: str) -> str:
-    """``url`` without a user name or password written into it (``s3://key:secret@bucket``)."""
+    """``url`` without the credentials that can be written into it: a user name or password
+    (``s3://key:secret@bucket``) and secret query parameters (a pre-signed URL's
+    ``X-Amz-Signature``, ``X-Amz-Credential``, an Azure SAS ``sig``, a ``token``)."""
     parts = urlsplit(url)
-    if parts.scheme and "@" in parts.netloc:
-        return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
-    return url
+    if not parts.scheme:
+        return url
+    if "@" in parts.netloc:
+        parts = parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1])
+    if parts.query:
+        fields = [f.split("=", 1) for f in parts.query.split("&")]
+        parts = parts._replace(query="&".join(
+            f"{f[0]}=***" if len(f) == 2 and _SECRET_QUERY_NAME.search(f[0]) else "=".join(f) for f in fields))
+    return urlunsplit(parts)
 
 
 def describe_storage_error(url: str, error: BaseException) -> str:
@@ -99,13 +145,29 @@ def describe_storage_error(url: str, error: BaseException) -> str:
         reason = "access was refused: check the credentials and their permissions"
     elif isinstance(error, PermissionError):
         reason = "access was refused: check the credentials and their permissions"
-    elif any(s in lowered for s in ("could not connect", "endpoint", "connection refused", "name or service not known", "timed out")):
+    elif (status := http_status(error)) is not None and (status >= 500 or status == 429):
+        # Throttling (503 SlowDown, 429) or a server error, past every retry of the client's and ours.
+        reason = f"the storage kept answering HTTP {status}{_error_code(error)}: it is failing or throttling"
+    elif any(s in lowered for s in ("connection was closed", "server disconnected", "connection reset", "broken pipe")):
+        reason = "the storage kept dropping the connection"
+    elif any(s in lowered for s in ("could not connect", "cannot connect", "endpoint", "connection refused",
+                                    "name or service not known", "timed out")):
         reason = "the storage endpoint cannot be reached: check endpoint_url and the network"
     elif isinstance(error, FileNotFoundError):
         reason = "it does not exist"
     else:
-        reason = "it cannot be read"
+        reason = "the storage failed"
     return f"{public_url(url)}: {reason} ({text})"
+
+
+def _error_code(error: BaseException) -> str:
+    """`` SlowDown`` when the server named its error (botocore's ClientError, under s3fs's OSError)."""
+    for candidate in error_chain(error):
+        response = getattr(candidate, "response", None)
+        code = response.get("Error", {}).get("Code") if isinstance(response, dict) else None
+        if code and not str(code).isdigit():  # an answer without a body (to a HEAD) has only the status as its code
+            return f" {code}"
+    return ""
 
 
 def check_reachable(url: str, fs: AbstractFileSystem, path: str, *, must_exist: bool) -> None:
@@ -116,13 +178,14 @@ def check_reachable(url: str, fs: AbstractFileSystem, path: str, *, must_exist: 
     be new. Raises StorageError with a one-line reason.
     """
     try:
-        if not is_local(fs):
+        if has_buckets(fs):
             bucket = path.split("/", 1)[0]
             try:
                 fs.info(bucket)  # s3fs and gcsfs: a HEAD of the bucket
             except FileNotFoundError:
                 raise StorageError(f"{public_url(url)}: the bucket {bucket!r} does not exist") from None
-        if must_exist and not fs.exists(path):
+        # A glob need not exist as a path: the folder it starts from must.
+        if must_exist and not fs.exists(glob_base(path)):
             raise StorageError(f"{public_url(url)}: no such file or prefix")
     except StorageError:
         raise

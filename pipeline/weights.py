@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.storage import open_url, public_url
+from pipeline.storage import StorageError, describe_storage_error, open_url, public_url
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,8 @@ def read_weights(url: str, storage_options: Mapping[str, Any] | None = None) -> 
         data = fs.cat_file(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"--weights {public_url(url)}: no such file") from None
+    except Exception as error:  # noqa: BLE001 - refused credentials, no endpoint, no bucket: botocore's many kinds
+        raise StorageError("--weights " + describe_storage_error(url, error)) from None
     return Weights(public_url(url), hashlib.sha256(data).hexdigest(), data)
 
 

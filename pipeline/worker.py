@@ -8,8 +8,10 @@ memory stays bounded whatever the shard size. On a GPU the decoded images are pi
 copied without blocking.
 
 Every image of the shard ends up as one row of ``images``: ``ok`` with its size and instance
-count, or ``error`` with what went wrong (unreadable, not an image, too large, the model
-failed on it); the shard goes on either way.
+count, or ``error`` with what is wrong with it (gone, not an image, too large, the model
+failed on it); the shard goes on either way. A failure that is not the image's own (storage
+that keeps failing, a CUDA device that broke) fails the whole shard instead, uncommitted, so
+that a retry or a rerun processes it: an error row is final, and must not record a passing fault.
 """
 
 import json
@@ -26,9 +28,22 @@ import torch
 
 from pipeline.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 from pipeline.plan import Shard
-from pipeline.storage import describe_storage_error, open_url, redact, secret_values
+from pipeline.retry import RetryPolicy, attempts_made, retry_call
+from pipeline.storage import describe_storage_error, open_object_url, open_url, redact, secret_values
 from pipeline.weights import Weights, build_model
-from pipeline.writer import IMAGES, IMAGES_SCHEMA, INSTANCES, INSTANCES_SCHEMA, commit_shard
+from pipeline.writer import IMAGES, IMAGES_SCHEMA, INSTANCES, INSTANCES_SCHEMA, StorageWriteError, commit_shard
+
+
+# A read that fails for a reason that may pass is tried this often in all, waiting 0.25-0.5,
+# 0.5-1, 1-2 s between tries (pipeline.retry), on top of the retries the storage client makes itself.
+READ_ATTEMPTS = 4
+READ_BACKOFF_SECONDS = 0.5
+# Reads that end the image's own row rather than the shard: the object is not there (any more).
+_MISSING = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
+
+
+class ShardReadError(RuntimeError):
+    """Storage kept failing for an image of the shard: the shard is not committed and is retried."""
 
 
 @dataclass(frozen=True)
@@ -80,15 +95,26 @@ class ShardWorker:
 
     def _filesystem(self, uri: str):
         # Storage options are the input's; fsspec caches the filesystem instances.
-        return open_url(uri, self.storage_options if "://" in uri and not uri.startswith("file://") else None)
+        return open_object_url(uri, self.storage_options if "://" in uri and not uri.startswith("file://") else None)
 
     def load(self, uri: str, image_id: int) -> LoadedImage:
-        """Reads and decodes one image; any failure becomes the image's error message."""
-        try:
+        """Reads and decodes one image. What is wrong with the image itself (gone since the
+        listing, not an image, too large) becomes its error message; a storage failure that may
+        pass (throttling, a 5xx, a dropped connection) is retried and then raised as
+        ShardReadError, as is one that cannot pass but is not the image's (refused credentials),
+        so that the shard is retried or rerun rather than committed with images it never read."""
+        def read() -> bytes:
             fs, path = self._filesystem(uri)
-            data = fs.cat_file(path)
-        except Exception as error:  # noqa: BLE001 - any storage failure is this image's error
+            return _read_whole(fs, path)
+
+        policy = RetryPolicy(READ_ATTEMPTS, READ_BACKOFF_SECONDS)  # read at each call, so that tests can shorten the waits
+        try:
+            data = retry_call(read, policy)
+        except _MISSING as error:
             return LoadedImage(uri, image_id, error=redact(f"cannot read: {describe_storage_error(uri, error)}", self.secrets))
+        except Exception as error:  # noqa: BLE001 - botocore, aiohttp and fsspec raise many kinds
+            raise ShardReadError(redact(f"cannot read {describe_storage_error(uri, error)} "
+                                        f"({attempts_made(error, policy)})", self.secrets)) from None
         try:
             image = decode_image(data, self.options.max_pixels)
         except ImageDecodeError as error:
@@ -123,6 +149,8 @@ class ShardWorker:
         try:
             return self._run_model(batch)
         except Exception as error:  # noqa: BLE001 - a model failure on one image is its error row
+            if _device_is_broken(error):
+                raise  # every image after it would fail too: the shard is retried on a fresh actor
             if len(batch) == 1:
                 return [f"model failed: {type(error).__name__}: {(str(error).splitlines() or [''])[0]}"]
         # The batch failed (out of memory, one odd image): each image on its own, keeping the others.
@@ -165,7 +193,11 @@ class ShardWorker:
             "seconds": round(time.perf_counter() - start, 3),
         }
         metadata = {"maskray": json.dumps({**self.metadata, "shard": shard.index}, sort_keys=True)}
-        commit_shard(self.output_fs, self.output, shard.index, {INSTANCES: instances.table(), IMAGES: images.table()}, metadata, summary)
+        try:
+            commit_shard(self.output_fs, self.output, shard.index, {INSTANCES: instances.table(), IMAGES: images.table()},
+                         metadata, summary)
+        except StorageWriteError as error:  # its text quotes the storage's answer: no credential may ride along
+            raise StorageWriteError(redact(str(error), self.secrets)) from None
         return summary
 
     def _add_detections(self, images: "_Rows", instances: "_Rows", item: LoadedImage, result: dict) -> None:
@@ -192,6 +224,22 @@ class ShardWorker:
 
     def close(self) -> None:
         self._readers.shutdown(wait=False, cancel_futures=True)
+
+
+def _read_whole(fs, path: str) -> bytes:
+    """The object's bytes in as few requests as the filesystem allows: one GET on S3 (s3fs
+    otherwise asks for the size first, a HEAD per image, to split objects of over 50 MB that
+    images rarely are; under throttling every request counts)."""
+    if "s3" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        return fs.cat_file(path, max_concurrency=1)
+    return fs.cat_file(path)
+
+
+def _device_is_broken(error: BaseException) -> bool:
+    """A CUDA error other than running out of memory leaves the device unusable for the process."""
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("CUDA error" in text or "CUBLAS_STATUS" in text or "cuDNN error" in text) \
+        and not isinstance(error, torch.cuda.OutOfMemoryError)
 
 
 class _Rows:

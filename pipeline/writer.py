@@ -5,9 +5,13 @@ written whole or not at all: on a local disk it is written under a temporary nam
 (atomic on POSIX); on an object store an object only appears when its upload completes. A
 shard counts as done when its done-marker exists, which is written after both part files, so
 a shard whose writer died halfway is simply redone, and rewriting a part gives the same file.
+That is also what makes retrying a failed write safe: an object store write that failed for a
+reason that may pass (throttling, a 5xx, a dropped connection) is tried again (pipeline.retry),
+and one that keeps failing raises StorageWriteError with the shard uncommitted.
 """
 
 import json
+import os
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -16,7 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
-from pipeline.storage import is_local, join
+from pipeline.retry import RetryPolicy, attempts_made, is_transient, retry_call
+from pipeline.storage import StorageError, describe_storage_error, full_url, is_local, join
 
 INSTANCES = "instances"
 IMAGES = "images"
@@ -54,9 +59,19 @@ IMAGES_SCHEMA = pa.schema(
 )
 
 SCHEMAS = {INSTANCES: INSTANCES_SCHEMA, IMAGES: IMAGES_SCHEMA}
+# A write or listing of object storage that fails for a reason that may pass is tried this often
+# in all, waiting 0.25-0.5, 0.5-1, 1-2 s between tries (pipeline.retry), on top of the storage
+# client's own retries. Local disks are not retried: their errors (a full disk) do not pass.
+WRITE_ATTEMPTS = 4
+WRITE_BACKOFF_SECONDS = 0.5
 # Row groups of about this many rows: large enough for fast scans, small enough that a reader
 # filtering on image_id or label can skip most of a big part.
 ROW_GROUP_ROWS = 64 * 1024
+
+
+class StorageWriteError(StorageError):
+    """A write that kept failing for reasons that may pass (throttling, 5xx, dropped
+    connections): nothing was committed, and a retry or a rerun writes it again."""
 
 
 def part_name(shard: int) -> str:
@@ -65,6 +80,13 @@ def part_name(shard: int) -> str:
 
 def done_name(shard: int) -> str:
     return f"shard-{shard:06d}.json"
+
+
+def shard_of_part(path: str) -> int | None:
+    """The shard whose part file ``path`` is (``.../part-000012.parquet`` → 12), or None."""
+    name = path.rsplit("/", 1)[-1]
+    digits = name[len("part-") : -len(".parquet")]
+    return int(digits) if name.startswith("part-") and name.endswith(".parquet") and digits.isdigit() else None
 
 
 def part_path(output: str, table: str, shard: int) -> str:
@@ -78,14 +100,34 @@ def write_bytes_atomically(fs: AbstractFileSystem, path: str, data: bytes) -> No
         fs.makedirs(parent, exist_ok=True)
         temporary = join(parent, f".{path.rsplit('/', 1)[1]}.{uuid.uuid4().hex}.tmp")
         try:
-            with fs.open(temporary, "wb") as f:
+            with open(temporary, "wb") as f:
                 f.write(data)
-            fs.mv(temporary, path)  # os.rename: atomic within a file system
+                f.flush()
+                os.fsync(f.fileno())  # the bytes are on disk before the name is: a crash leaves no empty part
+            os.replace(temporary, path)  # atomic within a file system
+            _fsync_directory(parent)  # and the rename itself survives a crash
         finally:
-            if fs.exists(temporary):
-                fs.rm(temporary)
+            if os.path.exists(temporary):
+                os.remove(temporary)
     else:
-        fs.pipe_file(path, data)  # a single PUT (or a completed multipart upload): all or nothing
+        # A single PUT (or a completed multipart upload): all or nothing, so a retry after a
+        # failure (even one where the object did land) writes the same object again.
+        policy = RetryPolicy(WRITE_ATTEMPTS, WRITE_BACKOFF_SECONDS)  # read at each call, so that tests can shorten the waits
+        try:
+            retry_call(lambda: fs.pipe_file(path, data), policy)
+        except Exception as error:  # noqa: BLE001 - botocore, aiohttp and fsspec raise many kinds
+            if not is_transient(error):
+                raise  # refused credentials, a bucket that is gone: as they are, for the caller to explain
+            raise StorageWriteError(f"cannot write {describe_storage_error(full_url(fs, path), error)} "
+                                    f"({attempts_made(error, policy)})") from None
+
+
+def _fsync_directory(path: str) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def table_to_parquet_bytes(table: pa.Table, metadata: Mapping[str, str]) -> bytes:
@@ -112,8 +154,13 @@ def commit_shard(
 
 def finished_shards(fs: AbstractFileSystem, output: str) -> set[int]:
     """The shards of ``output`` that have a done-marker (from the names alone: one listing)."""
+    def listing() -> list[str]:
+        # Object-store filesystems cache listings (s3fs does): a resumed job must see the markers of now.
+        fs.invalidate_cache(join(output, DONE))
+        return fs.ls(join(output, DONE), detail=False)
+
     try:
-        names = fs.ls(join(output, DONE), detail=False)
+        names = listing() if is_local(fs) else retry_call(listing, RetryPolicy(WRITE_ATTEMPTS, WRITE_BACKOFF_SECONDS))
     except FileNotFoundError:
         return set()
     done = set()

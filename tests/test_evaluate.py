@@ -76,9 +76,16 @@ def test_agrees_with_cocoeval_on_the_same_results_file(shapes_truth, tmp_path, s
     results_path = str(tmp_path / "results.json")
     write_results(results, results_path)
     ours = coco_evaluate(truth, json.loads(Path(results_path).read_text()))
-    for iou_type in ("bbox", "segm"):
-        expected = cocoeval_by_hand(gt_path, results_path, iou_type)
+    # COCO's results format: a mask result has no box (with one, loadRes would take the
+    # result's area from the box, and size ranges would be the box's).
+    segm_path = str(tmp_path / "segm-results.json")
+    Path(segm_path).write_text(json.dumps([{k: v for k, v in r.items() if k != "bbox"} for r in results]))
+    for iou_type, path in (("bbox", results_path), ("segm", segm_path)):
+        expected = cocoeval_by_hand(gt_path, path, iou_type)
         assert [ours[f"{iou_type}_{name}"] for name in STAT_NAMES] == expected.tolist()
+    # A ground truth without areas and boxes (other tools leave them out) gives the same numbers.
+    bare = {**truth, "annotations": [{k: v for k, v in a.items() if k not in ("area", "bbox")} for a in truth["annotations"]]}
+    assert coco_evaluate(bare, results) == ours
     # Not a degenerate case: the errors cost AP, and there is AP to cost.
     assert 0.2 < ours["segm_AP"] < 0.95 and 0.2 < ours["bbox_AP"] < 0.95
 
@@ -114,8 +121,12 @@ def test_evaluate_job_prints_what_cocoeval_gives_on_its_results_file(tmp_path, c
     assert evaluate.run(args) == 0
     printed = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in capsys.readouterr().out.splitlines()
                if line.startswith(("bbox", "segm"))}
-    for iou_type in ("bbox", "segm"):
-        expected = cocoeval_by_hand(gt_path, str(tmp_path / "results.json"), iou_type)
+    # COCOeval by hand scores masks on mask results without their boxes (COCO's results format).
+    segm_path = tmp_path / "segm-results.json"
+    segm_path.write_text(json.dumps([{k: v for k, v in r.items() if k != "bbox"}
+                                     for r in json.loads((tmp_path / "results.json").read_text())]))
+    for iou_type, path in (("bbox", tmp_path / "results.json"), ("segm", segm_path)):
+        expected = cocoeval_by_hand(gt_path, str(path), iou_type)
         assert printed[iou_type] == pytest.approx(expected[:6], abs=5e-4)  # printed to 3 decimals
     assert printed["segm"][0] > 0.4
 

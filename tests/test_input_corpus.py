@@ -201,9 +201,6 @@ def _local_uri(folder, key: str) -> str:
 # A key with "::" -----------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="the worker opens image URLs with fsspec's url_to_fs, which reads '::' as a chain of "
-                                       "filesystems: 'photo::1.jpg' is read as 'photo' (local) or fails every read (S3); "
-                                       "fix: open listed URLs without chain parsing (pipeline/storage.py, pipeline/worker.py)")
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_key_with_double_colon_is_read_as_it_is(where, weights_path, tmp_path, request, monkeypatch):
     """``photo::1.jpg`` (a colon pair is legal in S3 keys and file names: times, IPv6

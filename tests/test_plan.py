@@ -113,6 +113,13 @@ def test_commit_shard_writes_parts_then_marker(tmp_path, request, where):
     for shard in (3, 12):
         commit_shard(fs, output, shard, {"images": _images_table(4)}, {"maskray": '{"job": 1}'}, {"shard": shard, "images": 4})
     assert finished_shards(fs, output) == {3, 12}
+    if where == "s3":
+        # Another process commits a shard: s3fs's cached listing must not hide it (a resumed job).
+        import s3fs
+
+        other = s3fs.S3FileSystem(**bucket.storage_options)
+        commit_shard(other, output, 5, {"images": _images_table(1)}, {}, {"shard": 5, "images": 1})
+        assert finished_shards(fs, output) == {3, 5, 12}
     with fs.open(part_path(output, "images", 12), "rb") as f:
         parquet = pq.ParquetFile(f)
         assert parquet.metadata.row_group(0).column(0).compression == "ZSTD"

@@ -13,7 +13,7 @@ from pycocotools import mask as mask_utils
 from pipeline.query import connect, open_table, output_totals
 from pipeline.show import render_overlay
 from pipeline.storage import open_url
-from pipeline.writer import IMAGES_SCHEMA, INSTANCES_SCHEMA, commit_shard
+from pipeline.writer import IMAGES_SCHEMA, INSTANCES_SCHEMA, commit_shard, table_to_parquet_bytes
 
 HEIGHT, WIDTH = 40, 60
 
@@ -66,6 +66,23 @@ def test_duckdb_views_and_pyarrow(tmp_path, request, where):
     assert open_table(url, "instances", options).count_rows() == 2
     assert open_table(url, "images", options).to_table().num_rows == 3
     assert output_totals(url, options) == {"images": 3, "ok": 2, "errors": 1, "instances": 2}
+
+    # Shard 2 half-written (its instances part, no images part, no done-marker), as when its
+    # writer died or it failed for good: readers see the committed shards only.
+    stray = pa.table(_instances("file:///photos/d.png", 3, [masks[0]], [1]), schema=INSTANCES_SCHEMA)
+    fs.pipe_file(f"{output}/instances/part-000002.parquet", table_to_parquet_bytes(stray, {}))
+    con = connect(url, options)
+    assert con.sql("SELECT count(*) FROM instances").fetchall() == [(2,)]
+    assert con.sql("SELECT count(*) FROM images").fetchall() == [(3,)]
+    assert open_table(url, "instances", options).count_rows() == 2
+    assert output_totals(url, options)["instances"] == 2
+    # Once committed, it counts.
+    images = pa.table({"image_uri": ["file:///photos/d.png"], "image_id": [3], "width": [WIDTH], "height": [HEIGHT],
+                       "instances": [1], "status": ["ok"], "error": [None]}, schema=IMAGES_SCHEMA)
+    commit_shard(fs, output, 2, {"instances": stray, "images": images}, {}, {"shard": 2})
+    con = connect(url, options)
+    assert con.sql("SELECT count(*) FROM instances").fetchall() == [(3,)]
+    assert output_totals(url, options) == {"images": 4, "ok": 3, "errors": 1, "instances": 3}
 
 
 def test_empty_output_has_views_with_columns(tmp_path):

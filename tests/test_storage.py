@@ -38,6 +38,26 @@ def test_public_url_strips_credentials():
     assert public_url("https://user:pw@example.com/x.jpg") == "https://***@example.com/x.jpg"
     assert public_url("s3://bucket/prefix") == "s3://bucket/prefix"
     assert public_url("/local/path") == "/local/path"
+    # A pre-signed URL's signature and credential, an Azure SAS signature; harmless fields stay.
+    presigned = ("https://b.s3.amazonaws.com/w.pt?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIAX%2F20261125"
+                 "&X-Amz-Signature=0123abcd&X-Amz-Security-Token=tok3n&X-Amz-Expires=600")
+    assert public_url(presigned) == ("https://b.s3.amazonaws.com/w.pt?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=***"
+                                     "&X-Amz-Signature=***&X-Amz-Security-Token=***&X-Amz-Expires=600")
+    assert public_url("https://a.blob.core.windows.net/c/w.pt?sv=2022&sig=s3cr3t") == "https://a.blob.core.windows.net/c/w.pt?sv=2022&sig=***"
+    assert public_url("s3://bucket/w.pt?versionId=7") == "s3://bucket/w.pt?versionId=7"
+
+
+def test_a_glob_input_is_checked_by_the_folder_it_starts_from(tmp_path, s3):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.jpg").write_bytes(b"x")
+    url = str(tmp_path / "photos" / "**" / "*.jpg")
+    check_reachable(url, *open_url(url), must_exist=True)
+    absent = str(tmp_path / "absent" / "*.jpg")
+    with pytest.raises(StorageError, match="no such file or prefix"):
+        check_reachable(absent, *open_url(absent), must_exist=True)
+    s3.filesystem().pipe(f"{s3.name}/photos/2026/a.jpg", b"x")
+    url = s3.url("photos/*/*.jpg")
+    check_reachable(url, *open_url(url, s3.storage_options), must_exist=True)
 
 
 def test_open_url_local(tmp_path):
