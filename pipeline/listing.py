@@ -13,27 +13,44 @@ so the same shards. The forms of INPUT:
 - a single image file.
 """
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
 from pipeline.decode import EXTENSIONS
-from pipeline.storage import full_url, join, open_url, public_url
+from pipeline.retry import RetryPolicy, retry_call
+from pipeline.storage import full_url, is_glob, join, open_url, public_url
 
 LIST_FILE_EXTENSIONS = (".txt", ".lst")
 PARQUET_COLUMNS = ("image_uri", "uri", "path")
-_GLOB_CHARS = ("*", "?", "[")
+# URLs are gathered in Python lists of this many, each then packed into an Arrow array: a
+# Python str costs ~50 bytes of header on top of its characters, an Arrow string 8 (its offset).
+CHUNK_URIS = 65536
 
 
 @dataclass
 class Listing:
-    """The sorted image URLs of an input, and how many files were passed over."""
+    """The sorted, unique image URLs of an input, and how many files were passed over.
 
-    uris: list[str]
+    The URLs are one Arrow array (large_string: no 2 GiB limit on the characters of all of
+    them), so that a listing of millions of keys costs little more than their characters.
+    """
+
+    array: pa.Array
     skipped: int = 0  # files under a prefix without an image extension
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    @property
+    def uris(self) -> list[str]:
+        """The URLs as a Python list: for small listings (tests, a glob); the job uses ``array``."""
+        return self.array.to_pylist()
 
 
 def is_image_name(name: str) -> bool:
@@ -43,30 +60,64 @@ def is_image_name(name: str) -> bool:
 def list_images(url: str, storage_options: Mapping[str, Any] | None = None) -> Listing:
     """The images of the job input ``url`` (see the module's docstring), sorted and unique."""
     fs, path = open_url(url, storage_options)
-    if any(c in path for c in _GLOB_CHARS):
-        files = [p for p in fs.glob(path) if fs.isfile(p)]
-        return Listing(_sorted_unique(full_url(fs, p) for p in files))
+    if is_glob(path):
+        matched = retry_call(lambda: fs.glob(path, detail=True), RetryPolicy())  # with types: no request per match
+        return Listing(sorted_unique(full_url(fs, p) for p, info in matched.items() if info.get("type") == "file"))
     if fs.isfile(path):
         lowered = path.lower()
         if lowered.endswith(LIST_FILE_EXTENSIONS):
-            return Listing(_sorted_unique(_read_text_listing(fs, path)))
+            return Listing(sorted_unique(_read_text_listing(fs, path)))
         if lowered.endswith(".parquet"):
-            return Listing(_sorted_unique(_read_parquet_listing(fs, path)))
-        return Listing([full_url(fs, path)])
+            return Listing(sorted_unique(_read_parquet_listing(fs, path)))
+        return Listing(sorted_unique([full_url(fs, path)]))
     if not fs.isdir(path):
         raise FileNotFoundError(f"{public_url(url)}: no such file, directory or prefix")
-    images, skipped = [], 0
-    # find() lists recursively in pages (a million keys are a thousand list calls on S3).
-    for p in fs.find(path):
-        if is_image_name(p):
-            images.append(full_url(fs, p))
-        else:
-            skipped += 1
-    return Listing(_sorted_unique(images), skipped)
+    skipped = 0
+
+    def images() -> Iterator[str]:
+        nonlocal skipped
+        # find() lists recursively in pages (a million keys are a thousand list calls on S3).
+        for p in retry_call(lambda: fs.find(path), RetryPolicy()):
+            if is_image_name(p):
+                yield full_url(fs, p)
+            else:
+                skipped += 1
+
+    return Listing(sorted_unique(images()), skipped)
 
 
-def _sorted_unique(uris: Iterator[str] | list[str]) -> list[str]:
-    return sorted(set(uris))
+def sorted_unique(uris: Iterable[str | pa.Array]) -> pa.Array:
+    """``uris`` (strings, or Arrow arrays of them) as one sorted Arrow array without repeats.
+
+    The order is Python's ``sorted`` (by code point): Arrow sorts strings by their UTF-8 bytes,
+    which is the same order. Repeats are dropped after the sort, by comparing neighbours, rather
+    than with a hash set that would cost more than the strings themselves.
+    """
+    # The C library's allocator, not Arrow's default (mimalloc), which keeps the pages of freed
+    # arrays for a while: the chunks, freed once sorted, would go on counting in the driver's memory.
+    pool = pa.system_memory_pool()
+    chunks, pending = [], []
+    for uri in uris:
+        if isinstance(uri, pa.Array):
+            chunks.append(uri.cast(pa.large_string(), memory_pool=pool))
+            continue
+        pending.append(uri)
+        if len(pending) == CHUNK_URIS:
+            chunks.append(pa.array(pending, pa.large_string(), memory_pool=pool))
+            pending = []
+    if pending:
+        chunks.append(pa.array(pending, pa.large_string(), memory_pool=pool))
+    listed = pa.chunked_array(chunks, pa.large_string())
+    del chunks
+    # Sorted straight from the chunks: no combined copy of them first.
+    ordered = pc.take(listed, pc.sort_indices(listed, memory_pool=pool), memory_pool=pool).combine_chunks(memory_pool=pool)
+    del listed
+    if len(ordered) < 2:
+        return ordered
+    differs = pc.not_equal(ordered.slice(1), ordered.slice(0, len(ordered) - 1), memory_pool=pool)
+    if pc.all(differs).as_py():
+        return ordered
+    return pc.filter(ordered, pa.concat_arrays([pa.array([True]), differs]), memory_pool=pool)
 
 
 def _resolve(fs: AbstractFileSystem, listing_path: str, entry: str) -> str:
@@ -87,14 +138,27 @@ def _read_text_listing(fs: AbstractFileSystem, path: str) -> Iterator[str]:
                 yield _resolve(fs, path, entry)
 
 
-def _read_parquet_listing(fs: AbstractFileSystem, path: str) -> Iterator[str]:
+def _read_parquet_listing(fs: AbstractFileSystem, path: str) -> Iterator[str | pa.Array]:
+    """The entries of a Parquet listing: a batch of full URLs as it is (no Python string per
+    entry), a batch with relative paths entry by entry."""
     with fs.open(path, "rb") as f:
         parquet = pq.ParquetFile(f)
         names = parquet.schema_arrow.names
         column = next((c for c in PARQUET_COLUMNS if c in names), None)
         if column is None:
             raise ValueError(f"{full_url(fs, path)}: a Parquet listing needs a column named one of {PARQUET_COLUMNS}, has {names}")
-        for batch in parquet.iter_batches(columns=[column], batch_size=65536):
-            for entry in batch.column(0).to_pylist():
-                if entry:
+        for batch in parquet.iter_batches(columns=[column], batch_size=CHUNK_URIS):
+            entries = batch.column(0)
+            if pa.types.is_dictionary(entries.type):  # a categorical column (pandas writes them)
+                entries = entries.dictionary_decode()
+            if not any(test(entries.type) for test in (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view)):
+                raise ValueError(f"{full_url(fs, path)}: column {column!r} must hold strings, holds {entries.type}")
+            entries = entries.cast(pa.large_string())  # the listing's type; the characters are not copied
+            present = pc.greater(pc.utf8_length(entries), 0)
+            if entries.null_count or not pc.all(present).as_py():  # nulls and empty strings are not entries
+                entries = entries.filter(present)
+            if pc.all(pc.match_substring(entries, "://")).as_py() is not False:
+                yield entries
+            else:
+                for entry in entries.to_pylist():
                     yield _resolve(fs, path, entry)

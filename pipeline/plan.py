@@ -4,12 +4,15 @@ The plan is written once, when a job first runs, as ``OUTPUT/_plan.parquet`` (im
 image_uri), one Parquet row group per shard. A rerun reads it back instead of listing the
 input again, so the shards, the image ids and therefore the rows are the same even if the
 bucket changed in between; and the driver reads one shard's row group at a time, so its memory
-does not grow with the job.
+does not grow with the job. The plan is written in slices of many shards from the listing's
+Arrow array, never as one table of Python objects: planning a million images costs the driver
+little more than the listing itself (bench/scale.py, docs/scaling.md).
 """
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
@@ -19,6 +22,8 @@ from pipeline.writer import write_bytes_atomically
 
 PLAN_FILE = "_plan.parquet"
 PLAN_SCHEMA = pa.schema([pa.field("image_id", pa.int64(), nullable=False), pa.field("image_uri", pa.string(), nullable=False)])
+# Rows handed to the Parquet writer at a time (whole shards of them): few calls, small slices.
+WRITE_SLICE_ROWS = 65536
 
 
 @dataclass(frozen=True)
@@ -49,14 +54,21 @@ class Plan:
         return fs.exists(join(output, PLAN_FILE))
 
     @classmethod
-    def create(cls, fs: AbstractFileSystem, output: str, uris: list[str], shard_size: int) -> "Plan":
-        """Writes the plan of ``uris`` (already sorted) in shards of ``shard_size`` and opens it."""
+    def create(cls, fs: AbstractFileSystem, output: str, uris: Sequence[str] | pa.Array, shard_size: int) -> "Plan":
+        """Writes the plan of ``uris`` (already sorted: a list, or the listing's Arrow array) in
+        shards of ``shard_size`` and opens it."""
         if shard_size < 1:
             raise ValueError(f"shard size must be at least 1, got {shard_size}")
-        table = pa.table({"image_id": pa.array(range(len(uris)), pa.int64()), "image_uri": pa.array(uris, pa.string())}, schema=PLAN_SCHEMA)
+        if not isinstance(uris, pa.Array):
+            uris = pa.array(uris, pa.string())
         sink = pa.BufferOutputStream()
-        # One row group per shard: shard k is row group k.
-        pq.write_table(table, sink, row_group_size=shard_size, compression="zstd")
+        step = max(1, WRITE_SLICE_ROWS // shard_size) * shard_size  # slices end on shard boundaries
+        with pq.ParquetWriter(sink, PLAN_SCHEMA, compression="zstd") as writer:
+            for start in range(0, len(uris), step):
+                chunk = uris.slice(start, step).cast(pa.string())
+                ids = pa.array(np.arange(start, start + len(chunk), dtype=np.int64))
+                # One row group per shard: shard k is row group k.
+                writer.write_table(pa.Table.from_arrays([ids, chunk], schema=PLAN_SCHEMA), row_group_size=shard_size)
         write_bytes_atomically(fs, join(output, PLAN_FILE), sink.getvalue().to_pybytes())
         return cls(fs, output)
 
@@ -66,6 +78,10 @@ class Plan:
         group = self._file.read_row_group(index)
         ids = group.column("image_id")
         return Shard(index, int(ids[0].as_py()), tuple(group.column("image_uri").to_pylist()))
+
+    def shard_length(self, index: int) -> int:
+        """How many images shard ``index`` has, from the plan's footer (no data read)."""
+        return self._file.metadata.row_group(index).num_rows
 
     def shards(self, skip: set[int] = frozenset()) -> Iterator[Shard]:
         """The shards not in ``skip``, in order, read lazily."""

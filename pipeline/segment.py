@@ -32,8 +32,8 @@ from pipeline.manifest import Manifest, identity_mismatch
 from pipeline.plan import PLAN_FILE, Plan, Shard
 from pipeline.storage import StorageError, check_reachable, open_url, public_url, redact, secret_values
 from pipeline.weights import build_model, read_weights
-from pipeline.worker import WorkerOptions
-from pipeline.writer import finished_shards
+from pipeline.worker import WorkerOptions, device_is_broken
+from pipeline.writer import finished_shards, remove_interrupted_writes
 
 log = logging.getLogger("maskray.segment")
 
@@ -96,6 +96,7 @@ class JobSummary:
     seconds: float
     images_run: int  # images processed by this run
     retries: int = 0  # shards run again because their actor died or their commit failed
+    actors_lost: int = 0  # actors that died mid-job (killed, out of memory, or their node lost)
     nodes: frozenset[str] = frozenset()  # Ray node ids whose actors committed shards in this run
     processing_seconds: float = 0.0  # from the first actor ready to the last shard: the steady state
 
@@ -111,6 +112,9 @@ class JobSummary:
                          f"{self.seconds:.1f} s ({rate:.2f} images/s)")
         else:
             lines.append(f"nothing to do: all {self.shards} shards were already done")
+        if self.actors_lost or self.retries:
+            lines.append(f"{self.actors_lost} actor(s) lost, {self.retries} shard(s) retried; every retried shard was "
+                         "rewritten whole")
         for shard, why in sorted(self.failed_shards.items()):
             lines.append(f"shard {shard} FAILED: {why}")
         if self.failed_shards:
@@ -125,9 +129,14 @@ def run_segment(job: SegmentJob) -> JobSummary:
     secrets = secret_values(job.storage_options)
     try:
         return _run(job, started)
-    except (JobError, StorageError, FileNotFoundError, ValueError) as error:
-        # Messages reach the console and logs: no credential in them, whatever the cause.
-        raise type(error)(redact(str(error), secrets)) from None
+    except (JobError, StorageError, FileNotFoundError, ValueError, OSError) as error:
+        # Messages reach the console and logs: no credential in them, whatever the cause. Our
+        # own kinds keep their type; others (a JSONDecodeError from a damaged manifest, a
+        # PermissionError from read-only credentials) are named in the message.
+        if type(error) in (JobError, StorageError, FileNotFoundError, ValueError):
+            raise type(error)(redact(str(error), secrets)) from None
+        kind = StorageError if isinstance(error, OSError) else JobError
+        raise kind(redact(f"{type(error).__name__}: {error}", secrets)) from None
 
 
 def _run(job: SegmentJob, started: float) -> JobSummary:
@@ -152,16 +161,23 @@ def _run(job: SegmentJob, started: float) -> JobSummary:
     done = finished_shards(out_fs, out_path)
     todo = [s for s in range(plan.num_shards) if s not in done]
     run = _RunStats()
+    remove_interrupted_writes(out_fs, out_path)  # of a killed run
     if todo:
+        # Also the proof, before Ray starts, that the output takes writes (read-only credentials
+        # fail here, not in every actor).
+        manifest.status = "running"
+        manifest.write(out_fs, out_path)
         run = _execute(job, weights, manifest, plan, todo, len(done))
+        remove_interrupted_writes(out_fs, out_path)  # of this run's actors that died mid-write
     plan.close()
 
     from pipeline.query import output_totals
 
     totals = output_totals(job.output, job.storage_options)
-    manifest.totals = totals
-    manifest.status = "complete" if len(finished_shards(out_fs, out_path)) == plan.num_shards else "running"
-    manifest.write(out_fs, out_path)
+    status = "complete" if len(finished_shards(out_fs, out_path)) == plan.num_shards else "running"
+    if todo or manifest.totals != totals or manifest.status != status:  # a finished job's rerun writes nothing
+        manifest.totals, manifest.status = totals, status
+        manifest.write(out_fs, out_path)
     return JobSummary(
         output=public_url(job.output),
         images=totals["images"],
@@ -173,6 +189,7 @@ def _run(job: SegmentJob, started: float) -> JobSummary:
         seconds=time.perf_counter() - started,
         images_run=run.images,
         retries=run.retries,
+        actors_lost=run.actors_lost,
         nodes=frozenset(run.nodes),
         processing_seconds=run.processing_seconds,
     )
@@ -201,9 +218,10 @@ def _open_or_plan(job: SegmentJob, wanted: Manifest, fs, output: str) -> tuple[M
     # A new job (or one killed before its plan was written: nothing was processed yet).
     listing_started = time.perf_counter()
     listing = list_images(job.input, job.storage_options)
-    if not listing.uris:
+    if not len(listing):
         raise JobError(f"{public_url(job.input)}: no images found ({listing.skipped} other files skipped)")
-    plan = Plan.create(fs, output, listing.uris, job.shard_size)
+    # The listing's Arrow array as it is: a list of Python strings would cost several times more.
+    plan = Plan.create(fs, output, listing.array, job.shard_size)
     manifest = stored or wanted
     manifest.plan = {
         "file": PLAN_FILE,
@@ -270,7 +288,15 @@ def _make_actor_class():
                     last[0] = time.monotonic()
                     self.board.report.remote(shard.index, images)
 
-            summary = self.worker.process(shard, on_progress=report)
+            try:
+                summary = self.worker.process(shard, on_progress=report)
+            except Exception as error:
+                if device_is_broken(error):
+                    # The CUDA context is unusable for the rest of this process: end it, so that the
+                    # driver retries the shard on a fresh actor instead of here, three times in vain.
+                    log.error("the GPU failed (%s); this actor exits to be replaced", _first_line(error))
+                    os._exit(1)
+                raise
             summary["node"] = ray.get_runtime_context().get_node_id()
             return summary
 
@@ -312,6 +338,7 @@ class _RunStats:
     images: int = 0
     failed: dict[int, str] = field(default_factory=dict)
     retries: int = 0
+    actors_lost: int = 0
     nodes: set[str] = field(default_factory=set)
     processing_seconds: float = 0.0
 
@@ -328,11 +355,15 @@ class _Slot:
 
 def _execute(job: SegmentJob, weights, manifest: Manifest, plan: Plan, todo: list[int], already_done: int) -> _RunStats:
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     connect_ray(job.address)
     num_actors, resources = _actor_layout(job)
     threads = int(resources.get("num_cpus", 1)) if "num_gpus" not in resources else None
-    board = _make_board_class().remote()
+    # The board lives on the driver's node: it is lost only with the driver, never with a worker
+    # node (the driver asks it for totals, and a dead board would end the job).
+    board = _make_board_class().options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=False)).remote()
     actor_class = _make_actor_class()
     actor_options = dict(resources, max_concurrency=1, max_restarts=0)
     weights_ref = ray.put(weights)
@@ -366,6 +397,13 @@ def _execute(job: SegmentJob, weights, manifest: Manifest, plan: Plan, todo: lis
         if queue:
             return queue.popleft()
         return next(fresh, None)
+
+    def finished(shard: Shard, summary: dict) -> None:
+        nonlocal images_done, shards_done
+        board.finish.remote(shard.index)
+        images_done += summary["images"]
+        shards_done += 1
+        stats.nodes.add(summary["node"])
 
     def retry_or_fail(shard: Shard, why: str) -> None:
         attempts[shard.index] = attempts.get(shard.index, 0) + 1
@@ -406,25 +444,53 @@ def _execute(job: SegmentJob, weights, manifest: Manifest, plan: Plan, todo: lis
                         first_ready = first_ready or time.monotonic()
                         waiting_since = time.monotonic()
                     except ray.exceptions.RayActorError as error:
-                        # A model that cannot load on a node (missing compiled ops, no memory)
-                        # is not retried: the same would happen again.
+                        # Before any actor has loaded the model, a failure is the model's (missing
+                        # compiled ops, no memory): the same would happen again. After, it is this
+                        # actor's (its node died while it started): a fresh one takes its place.
                         slots.remove(slot)
                         log.error("an actor could not start: %s", _first_line(error))
+                        if first_ready is not None:
+                            stats.actors_lost += 1
+                        if first_ready is not None and replacements_left > 0:
+                            replacements_left -= 1
+                            slots.append(new_slot(actors_made))
+                            actors_made += 1
                         if not slots:
                             raise JobError(f"the segmentation actors could not start: {_first_line(error)}") from None
                     continue
                 slot = in_flight[ref]
+                if ref not in slot.shards:  # settled already, with its actor's other shards
+                    continue
+                order = list(slot.shards.items())  # submission order, which is the order they run in
                 shard = slot.shards.pop(ref)
                 try:
-                    summary = ray.get(ref)
+                    finished(shard, ray.get(ref))
                 except ray.exceptions.RayActorError as error:
-                    # The actor (or its node) died: its other shards fail too; a fresh actor takes its place.
-                    retry_or_fail(shard, f"its actor died: {_first_line(error)}")
-                    for other in slot.shards.values():
-                        retry_or_fail(other, "its actor died")
+                    # The actor (or its node) died. Its shards ran in submission order: those
+                    # before the one it was running had finished, that one is charged an
+                    # attempt, and those queued behind it never ran, so they go back uncharged.
+                    why = f"its actor died: {_first_line(error)}"
+                    slot.shards.clear()
+                    ray.wait([r for r, _ in order], num_returns=len(order), timeout=10)
+                    charged, never_ran = False, []
+                    for other_ref, other in order:
+                        try:
+                            finished(other, ray.get(other_ref, timeout=0))
+                        except Exception:  # noqa: BLE001 - lost with the actor
+                            if charged:
+                                board.restart.remote(other.index)
+                                never_ran.append(other.index)
+                            else:
+                                retry_or_fail(other, why)
+                                charged = True
+                    queue.extendleft(reversed(never_ran))
+                    stats.actors_lost += 1
                     slots.remove(slot)
                     ray.kill(slot.actor, no_restart=True)
                     if replacements_left > 0:
+                        # It starts when a node has room; until then the other actors go on, and
+                        # one that never starts (its node is gone for good) holds nothing up.
+                        log.warning("an actor died (%s); a replacement is asked for", _first_line(error))
                         replacements_left -= 1
                         slots.append(new_slot(actors_made))
                         actors_made += 1
@@ -432,10 +498,6 @@ def _execute(job: SegmentJob, weights, manifest: Manifest, plan: Plan, todo: lis
                 except ray.exceptions.RayTaskError as error:  # e.g. the output could not be written
                     retry_or_fail(shard, _first_line(getattr(error, "cause", None) or error))
                     continue
-                board.finish.remote(shard.index)
-                images_done += summary["images"]
-                shards_done += 1
-                stats.nodes.add(summary["node"])
                 if bar is not None:
                     bar.set_postfix_str(f"shards {already_done + shards_done}/{plan.num_shards}", refresh=False)
             if bar is not None:
@@ -471,7 +533,7 @@ def _progress_bar(enabled: bool, plan: Plan, todo: list[int], already_done: int)
         return None
     from tqdm import tqdm
 
-    total = sum(len(plan.shard(i).uris) for i in todo) if len(todo) < 2048 else len(todo) * plan.shard_size
+    total = sum(plan.shard_length(i) for i in todo)  # from the plan's footer: exact, and no data read
     tty = sys.stderr.isatty()
     return tqdm(total=total, unit="img", desc="segment", dynamic_ncols=True, mininterval=0.5 if tty else 10.0,
                 postfix=f"shards {already_done}/{plan.num_shards}")

@@ -17,10 +17,13 @@ Output layout (a local folder or a bucket prefix)::
     OUTPUT/model.pt                                the final model, as ``maskray segment --weights`` reads
     OUTPUT/settings.json                           the settings of the run (no credentials)
 
-Resuming: Ray Train keeps a snapshot of the reported checkpoints in ``OUTPUT/checkpoints``;
-``resume=True`` continues from the latest one (the step count, schedule and data order go on
-where they were). Starting without ``resume`` on an output that holds a run is an error, so a
-run is never overwritten or continued by accident.
+Resuming: Ray Train keeps a record of the reported checkpoints in ``OUTPUT/checkpoints``
+(``checkpoint_manager_snapshot.json``), written after each checkpoint's upload has finished;
+``resume=True`` continues from the latest recorded one (the step count, schedule and data order
+go on where they were). A run killed mid-epoch goes on from the last finished epoch, and a
+checkpoint folder that a kill cut short is never loaded, since it was never recorded (the
+resumed run writes it again). Starting without ``resume`` on an output that holds a run is an
+error, so a run is never overwritten or continued by accident.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from pipeline.storage import join, open_url, public_url, redact, secret_values
 
 RUN_NAME = "checkpoints"  # Ray Train's run folder inside the output
 CHECKPOINT_FILE = "checkpoint.pt"
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's record of the reported checkpoints
 MODEL_FILE = "model.pt"
 METRICS_CSV = "metrics.csv"
 METRICS_PNG = "metrics.png"
@@ -356,6 +360,28 @@ def _evaluate_shard(model: MaskRCNN, dataset, rank: int, world: int, device: tor
     return [r for part in gathered for r in part] if rank == 0 else None
 
 
+RESUME_KEYS = ("config", "optimizer", "scheduler", "epoch", "step")
+
+
+def read_resume_state(checkpoint) -> dict[str, Any]:
+    """The training state in the Ray Train checkpoint a run resumes from.
+
+    Ray Train hands over only a checkpoint it recorded after its upload finished; a file that is
+    damaged all the same (a disk error, a hand edit) stops the run with an error naming it, never
+    a silent start from scratch or from half a state."""
+    where = f"{checkpoint.path.rstrip('/')}/{CHECKPOINT_FILE}"
+    with checkpoint.as_directory() as folder:
+        try:
+            state = safe_load(os.path.join(folder, CHECKPOINT_FILE))
+        except (ValueError, FileNotFoundError) as error:
+            raise TrainingError(f"cannot resume from the checkpoint {where}: {error}. Start a new run (another "
+                                f"--output) with --init set to an earlier epoch's {CHECKPOINT_FILE}") from None
+    missing = [k for k in RESUME_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise TrainingError(f"cannot resume from the checkpoint {where}: it lacks {missing} (not a training checkpoint)")
+    return state
+
+
 def train_worker(loop_config: dict[str, Any]) -> None:
     """The per-worker training loop that TorchTrainer runs on every worker."""
     import ray.train
@@ -388,8 +414,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     resumed = ray.train.get_checkpoint()
     state: dict[str, Any] | None = None
     if resumed is not None:
-        with resumed.as_directory() as folder:
-            state = safe_load(os.path.join(folder, CHECKPOINT_FILE))
+        state = read_resume_state(resumed)
         config = MaskRCNNConfig.from_dict(state["config"])  # the run's model, whatever the options now
     model = MaskRCNN(config)
     if state is not None:
@@ -509,15 +534,46 @@ def run_exists(output: str, storage_options: Mapping[str, Any] | None = None) ->
         return False
 
 
-def latest_checkpoint(output: str, storage_options: Mapping[str, Any] | None = None) -> str | None:
-    """The path of the newest ``epoch-*/checkpoint.pt`` under the output, or None."""
+def recorded_checkpoint(output: str, storage_options: Mapping[str, Any] | None = None) -> str | None:
+    """The checkpoint folder (``epoch-NNNN``) a resume of the run in ``output`` starts from: the
+    latest one Ray Train recorded, or None when it recorded none.
+
+    Never the newest ``epoch-*`` folder by name: Ray Train records a checkpoint only once its
+    files are uploaded whole, so a folder that a kill cut short is there but unrecorded, and
+    must not be loaded. A record that cannot be read (cut short itself) is an error that says
+    what to do, rather than the one Ray would raise from inside the trainer.
+    """
     fs, root = open_url(output, storage_options)
+    path = join(root, RUN_NAME, SNAPSHOT_FILE)
     try:
-        found = [p for p in fs.find(join(root, RUN_NAME)) if p.endswith("/" + CHECKPOINT_FILE)]
+        with fs.open(path, "rb") as f:
+            record = json.loads(f.read())
+        latest = record.get("latest_checkpoint_result") or (record.get("checkpoint_results") or [None])[-1]
+        name = latest["checkpoint_dir_name"] if latest else None
     except FileNotFoundError:
         return None
-    epochs = sorted(p for p in found if p.rsplit("/", 2)[-2].startswith("epoch-"))
-    return epochs[-1] if epochs else None
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        raise TrainingError(
+            f"{public_url(join(output.rstrip('/'), RUN_NAME, SNAPSHOT_FILE))}: Ray Train's record of the run's checkpoints "
+            f"cannot be read ({type(error).__name__}: {error}); the run cannot be resumed. Start a new run (another "
+            f"--output) with --init {public_url(join(output.rstrip('/'), RUN_NAME, 'epoch-NNNN', CHECKPOINT_FILE))} "
+            "of the last epoch whose checkpoint loads") from None
+    return name
+
+
+def _worker_reason(error: BaseException) -> BaseException | str:
+    """Our own error that a worker raised (a damaged checkpoint, a loss gone NaN), whole and
+    without the traceback snippet Ray cuts it into; else Ray's error as it is."""
+    failures = getattr(error, "worker_failures", None) or {}
+    for rank in sorted(failures):
+        cause = failures[rank]
+        for _ in range(8):  # through Ray's wrappers (RayTaskError.cause) and chained exceptions
+            if cause is None or isinstance(cause, TrainingError):
+                break
+            cause = getattr(cause, "cause", None) or cause.__cause__
+        if isinstance(cause, TrainingError):
+            return f"worker {rank}: {cause}"
+    return error
 
 
 def train(settings: TrainSettings, address: str | None = None, log=print) -> dict[str, Any]:
@@ -549,7 +605,8 @@ def train(settings: TrainSettings, address: str | None = None, log=print) -> dic
         if not settings.resume:
             raise TrainingError(f"{public_url(settings.output)} already holds a training run: pass --resume to "
                                 "continue it, or choose another --output")
-        say(f"maskray train: resuming the run in {public_url(settings.output)}")
+        latest = recorded_checkpoint(settings.output, options)
+        say(f"maskray train: resuming the run in {public_url(settings.output)} from {latest or 'its start'}")
     elif settings.resume:
         say(f"maskray train: nothing to resume in {public_url(settings.output)}; starting afresh")
 
@@ -596,9 +653,9 @@ def train(settings: TrainSettings, address: str | None = None, log=print) -> dic
     try:
         result = trainer.fit()
     except Exception as error:  # noqa: BLE001 - Ray wraps the worker's error; say it without secrets
-        raise TrainingError(redact(f"training failed: {error}", secrets)) from None
+        raise TrainingError(redact(f"training failed: {_worker_reason(error)}", secrets)) from None
     if getattr(result, "error", None) is not None:
-        raise TrainingError(redact(f"training failed: {result.error}", secrets)) from None
+        raise TrainingError(redact(f"training failed: {_worker_reason(result.error)}", secrets)) from None
     if result.checkpoint is None:
         raise TrainingError("training ended without a checkpoint")
     with result.checkpoint.as_directory() as folder:

@@ -149,8 +149,8 @@ class ShardWorker:
         try:
             return self._run_model(batch)
         except Exception as error:  # noqa: BLE001 - a model failure on one image is its error row
-            if _device_is_broken(error):
-                raise  # every image after it would fail too: the shard is retried on a fresh actor
+            if device_is_broken(error):
+                raise  # every image after it would fail too: the actor ends itself (pipeline.segment) and is replaced
             if len(batch) == 1:
                 return [f"model failed: {type(error).__name__}: {(str(error).splitlines() or [''])[0]}"]
         # The batch failed (out of memory, one odd image): each image on its own, keeping the others.
@@ -235,7 +235,7 @@ def _read_whole(fs, path: str) -> bytes:
     return fs.cat_file(path)
 
 
-def _device_is_broken(error: BaseException) -> bool:
+def device_is_broken(error: BaseException) -> bool:
     """A CUDA error other than running out of memory leaves the device unusable for the process."""
     text = str(error)
     return isinstance(error, RuntimeError) and ("CUDA error" in text or "CUBLAS_STATUS" in text or "cuDNN error" in text) \

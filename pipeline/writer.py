@@ -122,6 +122,22 @@ def write_bytes_atomically(fs: AbstractFileSystem, path: str, data: bytes) -> No
                                     f"({attempts_made(error, policy)})") from None
 
 
+def remove_interrupted_writes(fs: AbstractFileSystem, output: str) -> None:
+    """Deletes the temporary files of ``write_bytes_atomically`` that writers killed between
+    writing and renaming left behind (only local outputs have them). Readers never see them, but
+    they are litter; the shards they belonged to are uncommitted, and redone."""
+    if not is_local(fs):
+        return
+    for table in (INSTANCES, IMAGES, DONE):
+        folder = join(output, table)
+        for name in os.listdir(folder) if os.path.isdir(folder) else ():
+            if name.startswith(".") and name.endswith(".tmp"):
+                try:
+                    os.remove(join(folder, name))
+                except FileNotFoundError:  # its writer renamed it after all
+                    pass
+
+
 def _fsync_directory(path: str) -> None:
     descriptor = os.open(path, os.O_RDONLY)
     try:

@@ -206,6 +206,36 @@ def test_empty_input_is_an_error(tmp_path, weights_path):
         run_segment(SegmentJob(str(tmp_path / "in"), str(tmp_path / "out"), str(weights_path), progress=False))
 
 
+def test_a_read_that_keeps_failing_fails_the_shard_uncommitted(weights_path, tmp_path, monkeypatch):
+    """An image that is gone is an error row (final); storage that keeps failing is not the
+    image's fault, so its shard raises and stays uncommitted, to be retried or rerun."""
+    from pipeline import worker as worker_module
+    from pipeline.listing import list_images
+    from pipeline.plan import Shard
+    from pipeline.writer import finished_shards
+
+    monkeypatch.setattr(worker_module, "READ_BACKOFF_SECONDS", 0.0)
+    folder = write_local(tmp_path / "in", {"a.png": sample_image(1)})
+    good = list_images(str(folder / "a.png")).uris[0]
+    gone = good.replace("a.png", "gone.png")
+    unreachable = "http://127.0.0.1:9/b.png"  # nothing listens there: connection refused, every time
+    data = weights_path.read_bytes()
+    out_fs, output = open_url(str(tmp_path / "out"))
+    worker = worker_module.ShardWorker(Weights("w", hashlib.sha256(data).hexdigest(), data), str(tmp_path / "out"))
+    try:
+        summary = worker.process(Shard(0, 0, (good, gone)))
+        assert (summary["images"], summary["errors"]) == (2, 1)
+        with pytest.raises(worker_module.ShardReadError, match=r"127.0.0.1:9/b.png: the storage endpoint cannot be reached.*4 attempts"):
+            worker.process(Shard(1, 2, (good, unreachable)))
+    finally:
+        worker.close()
+    assert finished_shards(out_fs, output) == {0}
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*.parquet")) == ["part-000000.parquet"] * 2
+    con = connect(str(tmp_path / "out"))
+    assert con.sql("SELECT status, error FROM images WHERE image_id = 1").fetchall()[0][0] == "error"
+    assert "does not exist" in con.sql("SELECT error FROM images WHERE image_id = 1").fetchall()[0][0]
+
+
 # Resume and faults ---------------------------------------------------------------------------
 
 
@@ -240,6 +270,25 @@ def assert_same_rows(output: Path, reference: Path) -> None:
     assert scalar(con, "SELECT count(*) FROM (SELECT image_uri, instance FROM instances GROUP BY 1, 2 HAVING count(*) > 1)") == 0
 
 
+def assert_only_whole_parts(output: Path, finished: bool = True) -> None:
+    """Every shard with a done-marker has both part files and every part file reads as Parquet;
+    once the job has ``finished``, no temporary file of an interrupted write is left either."""
+    import pyarrow.parquet as pq
+
+    for marker in (output / "_done").glob("shard-*.json") if (output / "_done").exists() else ():
+        part = marker.name.replace("shard-", "part-").replace(".json", ".parquet")
+        for table in ("instances", "images"):
+            pq.read_metadata(output / table / part)
+    for part in output.rglob("*.parquet"):
+        pq.read_table(part)
+    if finished:
+        assert not [p for p in output.rglob("*") if p.name.endswith(".tmp")]
+
+
+def done_markers(output: Path) -> int:
+    return len(list((output / "_done").glob("*.json"))) if (output / "_done").exists() else 0
+
+
 def wait_for(condition, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -266,12 +315,20 @@ def test_resume_after_driver_killed(ray_local, local_input, reference_output, we
     done_before = {p.name for p in (output / "_done").glob("*.json")}
     total_shards = 14  # 27 images (24 + 3 broken), 2 per shard
     assert 3 <= len(done_before) < total_shards
+    # The part files of the shards done before the kill, as they are (a rewrite makes a new inode).
+    parts_before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for name in done_before for table in ("instances", "images")
+                    for p in [output / table / name.replace("shard-", "part-").replace(".json", ".parquet")]}
+    # What a writer killed between writing and renaming leaves (the kill above may or may not have
+    # hit that moment): the rerun removes it.
+    (output / "images" / ".part-000013.parquet.0123abcd.tmp").write_bytes(b"PAR1 cut short")
     summary = run_segment(SegmentJob(str(local_input), str(output), str(weights_path), shard_size=2, progress=False))
     # The killed driver's actors may commit a shard or two more before Ray stops them.
     assert summary.complete and summary.shards == total_shards
     assert 1 <= summary.shards_run <= total_shards - len(done_before)
+    # The finished shards were skipped: not one of their files was written again.
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in parts_before} == parts_before
     assert_same_rows(output, reference_output)
-    assert not list(output.rglob("*.tmp"))  # no half-written file is left
+    assert_only_whole_parts(output)
 
 
 def test_actor_killed_mid_shard(ray_local, local_input, reference_output, weights_path, tmp_path):
@@ -287,14 +344,20 @@ def test_actor_killed_mid_shard(ray_local, local_input, reference_output, weight
             names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("maskray-segment-")]
             return names[0] if names else None
 
-        wait_for(lambda: (output / "_done").exists() and len(list((output / "_done").glob("*.json"))) >= 2, 120, "two shards")
+        wait_for(lambda: done_markers(output) >= 2, 120, "two shards")
         actor = ray.get_actor(our_actor())
         os.kill(ray.get(actor.pid.remote()), signal.SIGKILL)  # mid-shard: it has two in flight
+        # While the shard is redone, whatever is visible is whole: a marker only with both of its
+        # parts, every part a readable Parquet file.
+        while runner.is_alive():
+            assert_only_whole_parts(output, finished=False)
+            runner.join(timeout=0.2)
     finally:
         runner.join(timeout=300)
     summary = outcome["summary"]
-    assert summary.complete and summary.retries >= 1
+    assert summary.complete and summary.retries >= 1 and summary.actors_lost == 1
     assert_same_rows(output, reference_output)
+    assert_only_whole_parts(output)
 
 
 def test_runs_on_a_second_node(ray_cluster, local_input, weights_path, tmp_path):
@@ -322,6 +385,8 @@ def test_runs_on_a_second_node(ray_cluster, local_input, weights_path, tmp_path)
         (["segment", "in", "out", "--weights", "w", "--score-threshold", "2"], "--score-threshold: must be between 0 and 1"),
         (["segment", "in", "out", "--weights", "w", "--storage-options", '{"secret": "hunter22'], "--storage-options: not valid JSON"),
         (["segment", "in", "out", "--weights", "w", "--storage-options", "[1]"], "must be a JSON object"),
+        (["show", "out", "a.png", "-o", "x.png", "--scale", "0"], "--scale: must be at least 1"),
+        (["demo", "--images", "0"], "--images: must be at least 1"),
     ],
 )
 def test_bad_arguments(argv, message, capsys):
@@ -338,7 +403,9 @@ def test_cli_segment_query_show(ray_local, local_input, weights_path, tmp_path, 
     from jobs.cli import main
 
     output = tmp_path / "out"
-    assert main(["segment", str(local_input / "img"), str(output), "--weights", str(weights_path), "--shard-size", "12", "--no-progress"]) == 0
+    # A glob input: the 24 images under img/ (the broken files are beside it, in broken/).
+    assert main(["segment", str(local_input / "img" / "*"), str(output), "--weights", str(weights_path), "--shard-size", "12",
+                 "--no-progress"]) == 0
     assert "24 images (0 errors)" in capsys.readouterr().out
     assert main(["query", str(output), "SELECT count(*) AS n FROM images WHERE status = 'ok'", "--csv"]) == 0
     assert capsys.readouterr().out.splitlines() == ["n", "24"]

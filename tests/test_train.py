@@ -1,7 +1,10 @@
 """Training with Ray Train (pipeline/training.py, maskray train).
 
 The main test runs the job as users do, two workers (DDP over gloo) on the CPU on a small
-shapes set: it is killed after its first checkpoint, resumed, and must then have learned
+shapes set: it is killed with SIGKILL in the middle of an epoch, after a checkpoint; a torn
+checkpoint folder (what a kill during an upload leaves) must not be what the resume loads, and
+a damaged recorded one must stop the resume with an error naming it. Resumed, it must go on
+from the last checkpoint (epochs and steps counting on from it) and then have learned
 (loss down by a clear margin, AP above an untrained model's on the same images, COCOeval
 computing both). The parts (schedule, starting weights, export) are checked against
 torch's and torchvision's own.
@@ -13,6 +16,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,12 +33,14 @@ from pipeline.shapes import write_shapes
 from pipeline.training import (
     CHECKPOINT_FILE,
     RUN_NAME,
+    SNAPSHOT_FILE,
     TrainingError,
     TrainSettings,
     export_model,
     load_initial_weights,
     lr_factor,
     model_config,
+    recorded_checkpoint,
     steps_at_epochs,
     train,
 )
@@ -90,16 +96,20 @@ def settings_of(args: list[str]) -> TrainSettings:
     )
 
 
-def snapshot_checkpoints(run: Path) -> list[str]:
-    """The checkpoints Ray Train has recorded for the run (what a resume starts from)."""
+def snapshot_records(run: Path) -> list[dict]:
+    """The checkpoints Ray Train has recorded for the run (what a resume starts from), each with
+    its metrics, read from Ray's own record."""
     snapshot = run / "checkpoint_manager_snapshot.json"
     if not snapshot.exists():
         return []
     try:
-        data = json.loads(snapshot.read_text())
+        return json.loads(snapshot.read_text())["checkpoint_results"]
     except json.JSONDecodeError:  # being written
         return []
-    return [r["checkpoint_dir_name"] for r in data["checkpoint_results"]]
+
+
+def snapshot_checkpoints(run: Path) -> list[str]:
+    return [r["checkpoint_dir_name"] for r in snapshot_records(run)]
 
 
 def kill_session(process: subprocess.Popen) -> None:
@@ -119,11 +129,12 @@ def kill_session(process: subprocess.Popen) -> None:
 
 
 @pytest.mark.slow
-def test_two_workers_learn_and_a_killed_run_resumes(tiny_shapes, tmp_path, ray_local):
+def test_two_workers_learn_and_a_run_killed_mid_epoch_resumes(tiny_shapes, tmp_path, ray_local):
     output = tmp_path / "run"
     epochs = 12
     # 1. The job as users start it, in its own process (and its own local Ray), killed with
-    #    SIGKILL as soon as Ray Train has recorded its first checkpoint.
+    #    SIGKILL in the middle of an epoch: once Ray Train has recorded a checkpoint, half an
+    #    epoch later (the next epoch's steps take about as long as the last one's did).
     script = ("import sys; from jobs import train; import argparse; p = argparse.ArgumentParser(); "
               "train.add_arguments(p); sys.exit(train.run(p.parse_args(sys.argv[1:])))")
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
@@ -136,12 +147,35 @@ def test_two_workers_learn_and_a_killed_run_resumes(tiny_shapes, tmp_path, ray_l
             assert process.poll() is None, process.stdout.read().decode()[-3000:]
             assert time.monotonic() < deadline, "no checkpoint within 4 minutes"
             time.sleep(0.1)
+        mid_epoch = time.monotonic() + snapshot_records(output / RUN_NAME)[-1]["metrics"]["epoch_seconds"] / 2
+        while time.monotonic() < mid_epoch:
+            assert process.poll() is None, process.stdout.read().decode()[-3000:]
+            time.sleep(0.05)
     finally:
         kill_session(process)
     recorded = snapshot_checkpoints(output / RUN_NAME)
-    assert recorded[-1] == f"epoch-{len(recorded):04d}" and len(recorded) < epochs
+    done = len(recorded)
+    assert recorded == [f"epoch-{e:04d}" for e in range(1, done + 1)] and done < epochs
     killed_at = safe_load(output / RUN_NAME / recorded[-1] / CHECKPOINT_FILE)
+    assert killed_at["epoch"] == done
     assert not (output / "model.pt").exists()
+
+    # What a kill during the next checkpoint's upload leaves: its folder with half a file, which
+    # Ray never recorded. The resume must not load it (a loader picking the newest folder would).
+    torn = output / RUN_NAME / f"epoch-{done + 1:04d}" / CHECKPOINT_FILE
+    torn.parent.mkdir(exist_ok=True)
+    whole = (output / RUN_NAME / recorded[-1] / CHECKPOINT_FILE).read_bytes()
+    torn.write_bytes(whole[: len(whole) // 2])
+    assert recorded_checkpoint(str(output)) == recorded[-1]
+
+    # A recorded checkpoint that is damaged all the same (in a copy of the run) stops the resume
+    # with an error naming it, rather than a silent start from scratch.
+    broken = tmp_path / "broken"
+    shutil.copytree(output, broken)
+    (broken / RUN_NAME / recorded[-1] / CHECKPOINT_FILE).write_bytes(whole[: len(whole) // 3])
+    with pytest.raises(TrainingError, match=f"cannot resume from the checkpoint .*{recorded[-1]}/{CHECKPOINT_FILE}"):
+        train(settings_of(tiny_args(tiny_shapes, str(broken), "--epochs", str(epochs), "--resume", "--workers", "1")),
+              log=lambda _: None)
 
     # 2. Started again without --resume, the job refuses to touch the run.
     with pytest.raises(TrainingError, match="already holds a training run"):
@@ -151,7 +185,6 @@ def test_two_workers_learn_and_a_killed_run_resumes(tiny_shapes, tmp_path, ray_l
     outcome = train(settings_of(tiny_args(tiny_shapes, str(output), "--epochs", str(epochs), "--resume")), log=lambda _: None)
     final = safe_load(output / RUN_NAME / f"epoch-{epochs:04d}" / CHECKPOINT_FILE)
     history = final["metrics"]
-    done = killed_at["epoch"]
     steps_per_epoch = killed_at["step"] // done
     assert steps_per_epoch == 24 // (2 * 2)  # 24 images over 2 workers x 2 images
     # The epochs before the kill are the killed run's own rows (timings included), not redone...
@@ -160,6 +193,9 @@ def test_two_workers_learn_and_a_killed_run_resumes(tiny_shapes, tmp_path, ray_l
     assert [row["step"] for row in history] == [steps_per_epoch * (e + 1) for e in range(epochs)]
     assert final["step"] == outcome["step"] == epochs * steps_per_epoch
     assert final["scheduler"]["last_epoch"] == final["step"]
+
+    # The torn folder was written again, whole, by the resumed run's epoch.
+    assert safe_load(torn)["epoch"] == done + 1 and safe_load(torn)["metrics"] == history[: done + 1]
 
     # Checkpoints of every epoch, metrics as CSV and PNG, and the exported model.
     assert sorted(p.name for p in (output / RUN_NAME).glob("epoch-*")) == [f"epoch-{e:04d}" for e in range(1, epochs + 1)]
@@ -184,6 +220,16 @@ def test_two_workers_learn_and_a_killed_run_resumes(tiny_shapes, tmp_path, ray_l
     assert trained_ap["bbox_AP"] > untrained_ap["bbox_AP"] + 0.05, (trained_ap["bbox_AP"], untrained_ap["bbox_AP"])
     assert trained_ap["segm_AP"] > untrained_ap["segm_AP"] + 0.05, (trained_ap["segm_AP"], untrained_ap["segm_AP"])
     assert float(rows[-1]["segm_AP"]) == pytest.approx(trained_ap["segm_AP"], abs=1e-6)
+
+
+def test_a_torn_run_record_is_a_clear_error(tiny_shapes, tmp_path):
+    """Ray Train's record of the checkpoints, cut short (a kill while it was written): resuming
+    says which file and what to do, before any worker starts."""
+    output = tmp_path / "run"
+    (output / RUN_NAME / "epoch-0001").mkdir(parents=True)
+    (output / RUN_NAME / SNAPSHOT_FILE).write_text('{"checkpoint_results": [{"checkpoint_dir_name": "epo')
+    with pytest.raises(TrainingError, match=f"{SNAPSHOT_FILE}: Ray Train's record .* cannot be read .*--init"):
+        train(settings_of(tiny_args(tiny_shapes, str(output), "--resume")), log=lambda _: None)
 
 
 @pytest.mark.slow
