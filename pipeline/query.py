@@ -12,6 +12,7 @@ from typing import Any
 
 import pyarrow.dataset as ds
 
+from pipeline.plan import Plan
 from pipeline.retry import RetryPolicy, retry_call
 from pipeline.storage import full_url, is_local, join, open_url, public_url
 from pipeline.writer import IMAGES, INSTANCES, SCHEMAS, finished_shards, shard_of_part
@@ -28,14 +29,23 @@ def _all_part_files(fs, output: str, table: str) -> list[str]:
         return []
 
 
-def _committed_part_files(fs, output: str, table: str) -> tuple[list[str], bool]:
-    """The part files of shards that have their done-marker, and whether those are all there are.
-    A part without a marker is a shard being written now, or one that failed and waits for a
-    rerun; it may lack its other table's part, so readers leave it out."""
+def _committed_part_files(fs, output: str, table: str, done: set[int] | None = None) -> tuple[list[str], bool]:
+    """The part files of shards that have their done-marker (``done``: read now when not given),
+    and whether those are all there are. A part without a marker is a shard being written now,
+    or one that failed and waits for a rerun; it may lack its other table's part, so readers
+    leave it out."""
     parts = _all_part_files(fs, output, table)
-    done = finished_shards(fs, output)
+    done = finished_shards(fs, output) if done is None else done
     committed = [p for p in parts if shard_of_part(p) in done]
     return committed, len(committed) == len(parts)
+
+
+def _planned_shards(fs, output: str) -> int:
+    plan = Plan(fs, output)
+    try:
+        return plan.num_shards
+    finally:
+        plan.close()
 
 
 def open_table(output_url: str, table: str, storage_options: Mapping[str, Any] | None = None) -> ds.Dataset:
@@ -59,12 +69,16 @@ def connect(output_url: str, storage_options: Mapping[str, Any] | None = None, d
     def url(path: str) -> str:
         return full_url(fs, path) if not is_local(fs) else path
 
+    done = finished_shards(fs, output)
+    # DuckDB expands a glob at every query, so a glob stands for the committed parts only when
+    # no part can appear later: every shard of the plan is committed.
+    finished = Plan.exists(fs, output) and len(done) == _planned_shards(fs, output)
     for table in TABLES:
-        committed, everything = _committed_part_files(fs, output, table)
-        if committed and everything:
+        committed, everything = _committed_part_files(fs, output, table, done)
+        if committed and everything and finished:
             # A glob, not a list: the view stays one line for any number of parts.
             source = f"'{_quote(url(join(output, table, '*.parquet')))}'"
-        elif committed:  # some parts are not committed: name the committed ones
+        elif committed:  # a job may still add parts: name the committed ones
             source = "[" + ", ".join(f"'{_quote(url(p))}'" for p in committed) + "]"
         if committed:
             con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet({source})")

@@ -86,8 +86,8 @@ def is_transient(error: BaseException) -> bool:
 
     No: a missing object, refused access, a malformed request, missing credentials, a 4xx
     answer. Yes: throttling and server errors (429, 5xx, SlowDown), connections refused, dropped
-    or timed out, and, since a wasted retry costs only time, any storage error not known to
-    be permanent.
+    or timed out, and, since a wasted retry costs only time, any storage error (an OSError)
+    not known to be permanent. Any other exception is a bug or a bad argument, never retried.
     """
     chain = error_chain(error)
     names = {cls.__name__ for e in chain for cls in type(e).__mro__}
@@ -103,9 +103,9 @@ def is_transient(error: BaseException) -> bool:
         return True
     if isinstance(error, _PERMANENT_TYPES):
         return False
-    if isinstance(error, OSError) and error.errno in _PERMANENT_ERRNOS:
-        return False
-    return True
+    if isinstance(error, OSError):
+        return error.errno not in _PERMANENT_ERRNOS
+    return False
 
 
 def retry_call(

@@ -130,13 +130,14 @@ def run_segment(job: SegmentJob) -> JobSummary:
     try:
         return _run(job, started)
     except (JobError, StorageError, FileNotFoundError, ValueError, OSError) as error:
-        # Messages reach the console and logs: no credential in them, whatever the cause. Our
-        # own kinds keep their type; others (a JSONDecodeError from a damaged manifest, a
-        # PermissionError from read-only credentials) are named in the message.
-        if type(error) in (JobError, StorageError, FileNotFoundError, ValueError):
-            raise type(error)(redact(str(error), secrets)) from None
-        kind = StorageError if isinstance(error, OSError) else JobError
-        raise kind(redact(f"{type(error).__name__}: {error}", secrets)) from None
+        # Messages reach the console and logs: no credential in them, whatever the cause. Errors
+        # come out as one of these four kinds; one of another type (a StorageWriteError, a
+        # JSONDecodeError from a damaged manifest, a PermissionError from read-only credentials)
+        # is named in the message.
+        kinds = (JobError, StorageError, FileNotFoundError, ValueError)
+        kind = next((k for k in kinds if isinstance(error, k)), StorageError if isinstance(error, OSError) else JobError)
+        message = str(error) if type(error) in kinds else f"{type(error).__name__}: {error}"
+        raise kind(redact(message, secrets)) from None
 
 
 def _run(job: SegmentJob, started: float) -> JobSummary:
@@ -393,6 +394,18 @@ def _execute(job: SegmentJob, weights, manifest: Manifest, plan: Plan, todo: lis
     first_ready: float | None = None
     bar = _progress_bar(job.progress, plan, todo, already_done)
 
+    def replace_lost_actor(reason: str) -> None:
+        """A fresh actor in a lost one's place, while replacements last. It starts when a node has
+        room; until then the other actors go on, and one that never starts (its node is gone for
+        good) holds nothing up."""
+        nonlocal actors_made, replacements_left
+        stats.actors_lost += 1
+        if replacements_left > 0:
+            log.warning("an actor was lost (%s); a replacement is asked for", reason)
+            replacements_left -= 1
+            slots.append(new_slot(actors_made))
+            actors_made += 1
+
     def next_shard() -> int | None:
         if queue:
             return queue.popleft()
@@ -450,17 +463,11 @@ def _execute(job: SegmentJob, weights, manifest: Manifest, plan: Plan, todo: lis
                         slots.remove(slot)
                         log.error("an actor could not start: %s", _first_line(error))
                         if first_ready is not None:
-                            stats.actors_lost += 1
-                        if first_ready is not None and replacements_left > 0:
-                            replacements_left -= 1
-                            slots.append(new_slot(actors_made))
-                            actors_made += 1
+                            replace_lost_actor(_first_line(error))
                         if not slots:
                             raise JobError(f"the segmentation actors could not start: {_first_line(error)}") from None
                     continue
                 slot = in_flight[ref]
-                if ref not in slot.shards:  # settled already, with its actor's other shards
-                    continue
                 order = list(slot.shards.items())  # submission order, which is the order they run in
                 shard = slot.shards.pop(ref)
                 try:
@@ -476,6 +483,8 @@ def _execute(job: SegmentJob, weights, manifest: Manifest, plan: Plan, todo: lis
                     for other_ref, other in order:
                         try:
                             finished(other, ray.get(other_ref, timeout=0))
+                        except ray.exceptions.RayTaskError as task_error:  # it ran, and failed on its own
+                            retry_or_fail(other, _first_line(getattr(task_error, "cause", None) or task_error))
                         except Exception:  # noqa: BLE001 - lost with the actor
                             if charged:
                                 board.restart.remote(other.index)
@@ -484,16 +493,9 @@ def _execute(job: SegmentJob, weights, manifest: Manifest, plan: Plan, todo: lis
                                 retry_or_fail(other, why)
                                 charged = True
                     queue.extendleft(reversed(never_ran))
-                    stats.actors_lost += 1
                     slots.remove(slot)
                     ray.kill(slot.actor, no_restart=True)
-                    if replacements_left > 0:
-                        # It starts when a node has room; until then the other actors go on, and
-                        # one that never starts (its node is gone for good) holds nothing up.
-                        log.warning("an actor died (%s); a replacement is asked for", _first_line(error))
-                        replacements_left -= 1
-                        slots.append(new_slot(actors_made))
-                        actors_made += 1
+                    replace_lost_actor(_first_line(error))
                     continue
                 except ray.exceptions.RayTaskError as error:  # e.g. the output could not be written
                     retry_or_fail(shard, _first_line(getattr(error, "cause", None) or error))

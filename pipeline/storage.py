@@ -136,16 +136,18 @@ def public_url(url: str) -> str:
 def describe_storage_error(url: str, error: BaseException) -> str:
     """A one-line explanation of why ``url`` could not be reached, from fsspec/botocore's error."""
     text = f"{type(error).__name__}: {error}"
-    lowered = text.lower()
+    # Matched without the URL itself: a key such as img-4031.jpg must not read as a 403.
+    path = url.split("://", 1)[-1]
+    lowered = text.replace(url, "").replace(path, "").lower()
+    status = http_status(error)
     if "nocredentialserror" in lowered or "unable to locate credentials" in lowered:
         reason = "no credentials were found: give them in --storage-options or the usual environment variables"
     elif "nosuchbucket" in lowered or "bucket does not exist" in lowered:
         reason = "the bucket does not exist"
-    elif any(s in lowered for s in ("invalidaccesskeyid", "signaturedoesnotmatch", "accessdenied", "forbidden", "403")):
+    elif status == 403 or isinstance(error, PermissionError) or \
+            any(s in lowered for s in ("invalidaccesskeyid", "signaturedoesnotmatch", "accessdenied", "forbidden", "403")):
         reason = "access was refused: check the credentials and their permissions"
-    elif isinstance(error, PermissionError):
-        reason = "access was refused: check the credentials and their permissions"
-    elif (status := http_status(error)) is not None and (status >= 500 or status == 429):
+    elif status is not None and (status >= 500 or status == 429):
         # Throttling (503 SlowDown, 429) or a server error, past every retry of the client's and ours.
         reason = f"the storage kept answering HTTP {status}{_error_code(error)}: it is failing or throttling"
     elif any(s in lowered for s in ("connection was closed", "server disconnected", "connection reset", "broken pipe")):

@@ -83,7 +83,8 @@ def test_shards_spread_over_nodes_and_a_lost_node_loses_nothing(ray_cluster, loc
     summary = outcome["summary"]
 
     assert summary.complete and summary.shards == TOTAL_SHARDS
-    assert summary.actors_lost == 1 and summary.retries >= 1
+    # One shard charged (the one running when the node went); the one queued behind it went back uncharged.
+    assert summary.actors_lost == 1 and summary.retries == 1
     assert "1 actor(s) lost" in summary.describe()
     # The first node finished the job; the second committed only what it did before it went.
     assert first.node_id in summary.nodes and summary.nodes <= {first.node_id, second.node_id}

@@ -98,7 +98,9 @@ def test_wrong_endpoint_fails_with_a_reason(s3):
         (OSError("An error occurred (InvalidAccessKeyId) when calling ListObjectsV2"), "access was refused"),
         (FileNotFoundError("x"), "does not exist"),
         (RuntimeError("NoCredentialsError: Unable to locate credentials"), "no credentials were found"),
+        # The object's own name is not read as an error code.
+        (OSError(5, "Please reduce your request rate: b/x-403-endpoint.jpg"), "the storage failed"),
     ],
 )
 def test_describe_storage_error(error, reason):
-    assert reason in describe_storage_error("s3://b/x", error)
+    assert reason in describe_storage_error("s3://b/x-403-endpoint.jpg", error)

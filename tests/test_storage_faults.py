@@ -145,6 +145,8 @@ def _client_error(status: int, code: str) -> ClientError:
         (PermissionError("Forbidden"), False),
         (NoCredentialsError(), False),
         (ValueError("bad range"), False),
+        (KeyError("a bug in our code"), False),  # not storage: never retried
+        (RuntimeError("a bug in our code"), False),
         (OSError(errno.EINVAL, "The specified bucket is not valid."), False),
         (OSError(errno.ENOSPC, "No space left on device"), False),
     ],
