@@ -1,4 +1,4 @@
-"""Builds maskray's compiled RoI operators (csrc/) as the extension `model._C`.
+"""Builds maskray's compiled RoI operators (csrc/) as the extension `maskray.model._C`.
 
 CPU kernels are always built; CUDA kernels when torch sees a GPU and nvcc is
 present, or when MASKRAY_FORCE_CUDA=1 (building a GPU image on a machine
@@ -48,7 +48,7 @@ def _extension():
         cxx.append("-fopenmp")
         link.append("-fopenmp")
     kwargs = dict(
-        name="model._C",
+        name="maskray.model._C",
         include_dirs=[os.path.abspath("csrc")],
         extra_link_args=link,
         py_limited_api=True,

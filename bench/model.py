@@ -38,7 +38,7 @@ import torchvision
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from model import MaskRCNN, MaskRCNNConfig  # noqa: E402
+from maskray.model import MaskRCNN, MaskRCNNConfig  # noqa: E402
 from tests.torchvision_reference import calibrated_state_dict, torchvision_model  # noqa: E402
 
 

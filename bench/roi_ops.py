@@ -21,7 +21,7 @@ import time
 import torch
 import torchvision
 
-import model.ops as ours
+import maskray.model.ops as ours
 
 
 BOX_SIDES = {"proposals": (16.0, 512.0), "p2": (16.0, 112.0)}  # px, log-uniform

@@ -108,9 +108,9 @@ def plan_child(listing: str, output: str, shard_size: int) -> dict:
     """The planning step of a driver, measured in this (fresh) process: see the module's docstring."""
     import gc
 
-    from pipeline.listing import list_images
-    from pipeline.plan import Plan
-    from pipeline.storage import open_url
+    from maskray.pipeline.segment.listing import list_images
+    from maskray.pipeline.segment.plan import Plan
+    from maskray.pipeline.storage import open_url
 
     # Warm-up: the lazily loaded parts (Arrow's compute kernels, the Parquet writer, fsspec's
     # local filesystem) cost ~45 MB once, whatever the size; they are not the listing's.
@@ -217,7 +217,7 @@ def tiny_weights(path: Path) -> Path:
     throughput over time are measured with, not its detections."""
     import torch
 
-    from model import MaskRCNN, MaskRCNNConfig
+    from maskray.model import MaskRCNN, MaskRCNNConfig
 
     torch.manual_seed(0)
     config = MaskRCNNConfig.light(
@@ -407,7 +407,8 @@ class JobRun:
 
 def run_job(images: Path, output: Path, weights: Path, actors: int, shard_size: int = 200, batch_size: int = 16) -> JobRun:
     """The segmentation job over the folder ``images``, sampled (see the module's docstring)."""
-    from pipeline.segment import SegmentJob, run_segment
+    from maskray.pipeline.segment.job import run_segment
+    from maskray.pipeline.segment.settings import SegmentJob
 
     job = SegmentJob(str(images), str(output), str(weights), batch_size=batch_size, shard_size=shard_size, num_actors=actors,
                      cpus_per_actor=1, read_threads=4, progress=False)
@@ -444,7 +445,7 @@ def job_bound_failures(run: JobRun) -> list[str]:
 def bench_job(args) -> int:
     import ray
 
-    from pipeline.cluster import connect_ray
+    from maskray.pipeline.cluster import connect_ray
 
     with tempfile.TemporaryDirectory(prefix="maskray-scale-job-") as tmp:
         started = time.perf_counter()

@@ -3,7 +3,7 @@ those of a plain single-process loop, on the same data, model, batch and threads
 
 The plain loop is what one writes without Ray: a DataLoader over the same COCO dataset (same
 flip), the same model and SGD, ``loss.backward(); optimizer.step()``. The Ray side is the real
-job (``pipeline.training.train``: TorchTrainer, one worker, checkpoint per epoch). Both run
+job (``maskray.pipeline.train.driver.train``: TorchTrainer, one worker, checkpoint per epoch). Both run
 ``--epochs`` epochs over a synthetic shapes set and the throughput of the last epoch is
 compared (the first one pays for warm-up: allocator, oneDNN kernels), measured inside the
 loop in both; the job's wall time from start to exported model is reported beside it.
@@ -35,10 +35,14 @@ from torch.utils.data import DistributedSampler
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from model import LOSS_NAMES, MaskRCNN  # noqa: E402
-from pipeline.coco import CocoDataset, RandomHorizontalFlip, collate  # noqa: E402
-from pipeline.shapes import write_shapes  # noqa: E402
-from pipeline.training import TrainSettings, make_optimizer, model_config, read_metrics, train  # noqa: E402
+from maskray.model import LOSS_NAMES, MaskRCNN  # noqa: E402
+from maskray.pipeline.train.coco import CocoDataset, RandomHorizontalFlip, collate  # noqa: E402
+from maskray.pipeline.train.shapes import write_shapes  # noqa: E402
+from maskray.pipeline.train.driver import train
+from maskray.pipeline.train.initial_weights import model_config
+from maskray.pipeline.train.metrics import read_metrics
+from maskray.pipeline.train.schedule import make_optimizer
+from maskray.pipeline.train.settings import TrainSettings  # noqa: E402
 
 # The demo model's architecture (model/weights/README.md).
 SHAPES_OPTIONS = {"min_size": (112, 144, 128), "max_size": 192, "representation_size": 256,
@@ -109,7 +113,7 @@ def main() -> None:
         print(json.dumps(plain_loop(TrainSettings(**payload["settings"]), payload["threads"])))
         return
 
-    from pipeline.shapes import parse_size
+    from maskray.pipeline.train.shapes import parse_size
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     with tempfile.TemporaryDirectory() as folder:

@@ -1,1 +1,1 @@
-"""Entry points: the `maskray` command (jobs.cli) and the jobs users submit to a Ray cluster."""
+"""Entry points: the `maskray` command (maskray.jobs.cli) and the jobs users submit to a Ray cluster."""

@@ -11,14 +11,14 @@ import sys
 
 # name -> (module in jobs/, one-line help). Each module has add_arguments(parser) and run(args) -> int.
 SUBCOMMANDS = {
-    "demo": ("jobs.demo", "the main job on sample images: segment, query, draw (what `make demo` runs)"),
-    "segment": ("jobs.segment", "segment the images of a bucket or folder into Parquet (resumable)"),
-    "train": ("jobs.train", "train Mask R-CNN on COCO-format data with Ray Train (checkpoints, resume, metrics)"),
-    "evaluate": ("jobs.evaluate", "COCO bbox and segm AP of a model on a COCO-format set; COCO results JSON"),
-    "make-shapes": ("jobs.make_shapes", "write a synthetic COCO instance-segmentation set of overlapping shapes"),
-    "query": ("jobs.query", "run SQL (DuckDB) over a segmentation output: views instances, images"),
-    "show": ("jobs.show", "draw an image's masks, boxes, labels and scores into a PNG"),
-    "selfcheck": ("jobs.selfcheck", "check the compiled RoI operators against torchvision"),
+    "demo": ("maskray.jobs.demo", "the main job on sample images: segment, query, draw (what `make demo` runs)"),
+    "segment": ("maskray.jobs.segment", "segment the images of a bucket or folder into Parquet (resumable)"),
+    "train": ("maskray.jobs.train", "train Mask R-CNN on COCO-format data with Ray Train (checkpoints, resume, metrics)"),
+    "evaluate": ("maskray.jobs.evaluate", "COCO bbox and segm AP of a model on a COCO-format set; COCO results JSON"),
+    "make-shapes": ("maskray.jobs.make_shapes", "write a synthetic COCO instance-segmentation set of overlapping shapes"),
+    "query": ("maskray.jobs.query", "run SQL (DuckDB) over a segmentation output: views instances, images"),
+    "show": ("maskray.jobs.show", "draw an image's masks, boxes, labels and scores into a PNG"),
+    "selfcheck": ("maskray.jobs.selfcheck", "check the compiled RoI operators against torchvision"),
 }
 
 

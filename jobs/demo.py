@@ -11,7 +11,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from jobs.arguments import positive_int
+from maskray.jobs.arguments import positive_int
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_WEIGHTS = ROOT / "model" / "weights" / "shapes_light.pt"
@@ -29,10 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jobs.cli import main as maskray
-    from pipeline.manifest import MANIFEST_FILE
-    from pipeline.segment import SegmentJob, run_segment
-    from pipeline.shapes import write_shapes
+    from maskray.jobs.cli import main as maskray
+    from maskray.pipeline.segment.manifest import MANIFEST_FILE
+    from maskray.pipeline.segment.job import run_segment
+    from maskray.pipeline.segment.settings import SegmentJob
+    from maskray.pipeline.train.shapes import write_shapes
 
     directory: Path = args.dir
     images, output, overlay = directory / "shapes", directory / "output", directory / "overlay.png"
@@ -72,8 +73,8 @@ def _default_weights(directory: Path) -> str:
     # No trained model shipped (yet): an untrained light model, said loudly.
     import torch
 
-    from model import MaskRCNN, MaskRCNNConfig
-    from pipeline.shapes import coco_categories
+    from maskray.model import MaskRCNN, MaskRCNNConfig
+    from maskray.pipeline.train.shapes import coco_categories
 
     names = ("__background__", *(c["name"] for c in coco_categories()))
     path = directory / "untrained-light.pt"
@@ -85,6 +86,6 @@ def _default_weights(directory: Path) -> str:
 
 
 if __name__ == "__main__":
-    from jobs.cli import main
+    from maskray.jobs.cli import main
 
     sys.exit(main(["demo", *sys.argv[1:]]))

@@ -9,7 +9,7 @@ and prints its AP table; ``--results`` also writes the detections as a COCO resu
 import argparse
 import sys
 
-from jobs.arguments import add_storage_options_argument, positive_int
+from maskray.jobs.arguments import add_storage_options_argument, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,11 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from pipeline.coco import CocoDataset, read_coco_json
-    from pipeline.evaluation import coco_evaluate, format_metrics, predict_coco_results, write_results
-    from pipeline.storage import public_url, redact, secret_values
-    from pipeline.training import TrainingError
-    from pipeline.weights import build_model, read_weights
+    from maskray.pipeline.train.coco import CocoDataset, read_coco_json
+    from maskray.pipeline.train.evaluation import coco_evaluate, format_metrics, predict_coco_results, write_results
+    from maskray.pipeline.storage import public_url, redact, secret_values
+    from maskray.pipeline.errors import TrainingError
+    from maskray.pipeline.weights import build_model, read_weights
 
     options = args.storage_options
     secrets = secret_values(options)
@@ -62,6 +62,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    from jobs.cli import main
+    from maskray.jobs.cli import main
 
     sys.exit(main(["evaluate", *sys.argv[1:]]))

@@ -17,8 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.shapes import parse_size, write_shapes
-    from pipeline.storage import public_url
+    from maskray.pipeline.train.shapes import parse_size, write_shapes
+    from maskray.pipeline.storage import public_url
 
     try:
         size = parse_size(args.size)
@@ -32,6 +32,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    from jobs.cli import main
+    from maskray.jobs.cli import main
 
     sys.exit(main(["make-shapes", *sys.argv[1:]]))

@@ -4,7 +4,7 @@
 import argparse
 import sys
 
-from jobs.arguments import add_storage_options_argument
+from maskray.jobs.arguments import add_storage_options_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,8 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import duckdb
 
-    from pipeline.query import connect
-    from pipeline.storage import StorageError, redact, secret_values
+    from maskray.pipeline.results.query import connect
+    from maskray.pipeline.storage import StorageError, redact, secret_values
 
     try:
         con = connect(args.output, args.storage_options)
@@ -42,6 +42,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    from jobs.cli import main
+    from maskray.jobs.cli import main
 
     sys.exit(main(["query", *sys.argv[1:]]))

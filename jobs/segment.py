@@ -8,7 +8,7 @@ command resumes: finished shards are skipped.
 import argparse
 import sys
 
-from jobs.arguments import add_storage_options_argument, fraction, positive_int
+from maskray.jobs.arguments import add_storage_options_argument, fraction, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,9 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.decode import DEFAULT_MAX_PIXELS
-    from pipeline.segment import JobError, SegmentJob, run_segment
-    from pipeline.storage import StorageError
+    from maskray.pipeline.decode import DEFAULT_MAX_PIXELS
+    from maskray.pipeline.errors import JobError
+    from maskray.pipeline.segment.job import run_segment
+    from maskray.pipeline.segment.settings import SegmentJob
+    from maskray.pipeline.storage import StorageError
 
     job = SegmentJob(
         input=args.input,
@@ -56,6 +58,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    from jobs.cli import main
+    from maskray.jobs.cli import main
 
     sys.exit(main(["segment", *sys.argv[1:]]))

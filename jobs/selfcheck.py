@@ -1,6 +1,6 @@
 """``maskray selfcheck``: is this build of the compiled RoI operators right on this machine?
 
-Compares them with torchvision.ops on random inputs (model.ops.selfcheck) and prints a table;
+Compares them with torchvision.ops on random inputs (maskray.model.ops.selfcheck) and prints a table;
 exits non-zero on any mismatch.
 """
 
@@ -16,7 +16,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     import torchvision
 
-    from model.ops.selfcheck import devices, run_checks
+    from maskray.model.ops.selfcheck import devices, run_checks
 
     print(f"maskray selfcheck: torch {torch.__version__}, torchvision {torchvision.__version__}, "
           f"{torch.get_num_threads()} threads, devices {[d.type for d in devices()]}")

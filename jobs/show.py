@@ -5,7 +5,7 @@ ends exactly one of them."""
 import argparse
 import sys
 
-from jobs.arguments import add_storage_options_argument, positive_int
+from maskray.jobs.arguments import add_storage_options_argument, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,8 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.show import auto_scale, find_image_uri, render_overlay
-    from pipeline.storage import StorageError, redact, secret_values
+    from maskray.pipeline.results.show import auto_scale, find_image_uri, render_overlay
+    from maskray.pipeline.storage import StorageError, redact, secret_values
 
     try:
         scale = args.scale
@@ -38,6 +38,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    from jobs.cli import main
+    from maskray.jobs.cli import main
 
     sys.exit(main(["show", *sys.argv[1:]]))

@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from jobs.arguments import storage_options
+from maskray.jobs.arguments import storage_options
 
 
 def _model_option(text: str) -> tuple[str, object]:
@@ -78,7 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.training import TrainSettings, TrainingError, train
+    from maskray.pipeline.errors import TrainingError
+    from maskray.pipeline.train.driver import train
+    from maskray.pipeline.train.settings import TrainSettings
 
     try:
         settings = TrainSettings(
@@ -94,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         )
         outcome = train(settings, address=args.address)
     except (ValueError, TrainingError, OSError) as error:
-        from pipeline.storage import redact, secret_values
+        from maskray.pipeline.storage import redact, secret_values
 
         print(redact(f"maskray train: error: {error}", secret_values(args.storage_options)), file=sys.stderr)
         return 2
@@ -106,6 +108,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    from jobs.cli import main
+    from maskray.jobs.cli import main
 
     sys.exit(main(["train", *sys.argv[1:]]))

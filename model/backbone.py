@@ -1,6 +1,6 @@
 """The backbone: a ResNet trunk with frozen BatchNorm, and a Feature Pyramid Network on top.
 
-The trunk is a ResNet (model.resnet) without its classifier. The FPN (Lin et
+The trunk is a ResNet (maskray.model.resnet) without its classifier. The FPN (Lin et
 al. 2017) turns the four stages C2..C5 into P2..P5 of one width with a top-down pathway and
 lateral 1x1 connections, and adds P6 by subsampling P5 for the RPN's largest anchors.
 
@@ -15,8 +15,8 @@ from collections import OrderedDict
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.config import MaskRCNNConfig
-from model.resnet import ResNet
+from maskray.model.config import MaskRCNNConfig
+from maskray.model.resnet import ResNet
 
 # The order in which layers become trainable, deepest first (torchvision's and Detectron2's).
 _TRAINABLE_ORDER = ("layer4", "layer3", "layer2", "layer1", "conv1")

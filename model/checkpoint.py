@@ -14,10 +14,10 @@ import torch
 import torchvision
 from torch import Tensor
 
-from model.config import MaskRCNNConfig
+from maskray.model.config import MaskRCNNConfig
 
 if TYPE_CHECKING:
-    from model.mask_rcnn import MaskRCNN
+    from maskray.model.mask_rcnn import MaskRCNN
 
 FORMAT = "maskray.checkpoint"
 FORMAT_VERSION = 1
@@ -98,7 +98,7 @@ def float32_state_dict(state: dict[str, Any]) -> dict[str, Tensor]:
 
 def load_checkpoint(path: str | Path | BinaryIO, map_location: str | torch.device = "cpu") -> MaskRCNN:
     """A model in eval mode from a maskray checkpoint."""
-    from model.mask_rcnn import MaskRCNN
+    from maskray.model.mask_rcnn import MaskRCNN
 
     state = safe_load(path, map_location)
     if not isinstance(state, dict) or state.get("format") != FORMAT:

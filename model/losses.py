@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from model.ops import roi_align
-from model.sampler import BalancedSampler
+from maskray.model.ops import roi_align
+from maskray.model.sampler import BalancedSampler
 
 SMOOTH_L1_BETA = 1.0 / 9
 

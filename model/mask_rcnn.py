@@ -16,12 +16,12 @@ from typing import Any, BinaryIO
 import torch
 from torch import Tensor, nn
 
-from model.backbone import build_backbone
-from model.config import MaskRCNNConfig
-from model.postprocess import paste_masks_to_rle
-from model.roi_heads import RoIHeads
-from model.rpn import RegionProposalNetwork
-from model.transform import ImageTransform, check_images, resize_boxes
+from maskray.model.backbone import build_backbone
+from maskray.model.config import MaskRCNNConfig
+from maskray.model.postprocess import paste_masks_to_rle
+from maskray.model.roi_heads import RoIHeads
+from maskray.model.rpn import RegionProposalNetwork
+from maskray.model.transform import ImageTransform, check_images, resize_boxes
 
 LOSS_NAMES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 
@@ -143,7 +143,7 @@ class MaskRCNN(nn.Module):
         number of classes is read from the weights. COCO's class names are used when there are
         91 classes. Loaded with ``weights_only=True``.
         """
-        from model.checkpoint import read_torchvision_state_dict
+        from maskray.model.checkpoint import read_torchvision_state_dict
 
         state_dict = read_torchvision_state_dict(state_dict_or_path)
         if config is None:
@@ -155,16 +155,16 @@ class MaskRCNN(nn.Module):
         return model.eval().to_inference_layout()
 
     def save(self, path: str | Path | BinaryIO, weights_dtype: str = "float32", **extra: Any) -> None:
-        """One file with config, class names, weights and versions (see model.checkpoint);
+        """One file with config, class names, weights and versions (see maskray.model.checkpoint);
         ``weights_dtype="float16"`` halves the file (loading casts back to float32)."""
-        from model.checkpoint import save_checkpoint
+        from maskray.model.checkpoint import save_checkpoint
 
         save_checkpoint(self, path, weights_dtype=weights_dtype, **extra)
 
     @classmethod
     def load(cls, path: str | Path | BinaryIO, map_location: str | torch.device = "cpu") -> MaskRCNN:
         """A model from :meth:`save`'s file, in eval mode; read with ``weights_only=True``."""
-        from model.checkpoint import load_checkpoint
+        from maskray.model.checkpoint import load_checkpoint
 
         return load_checkpoint(path, map_location=map_location)
 

@@ -14,14 +14,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
 
-from model.box_coder import BoxCoder
-from model.box_head import BoxHead, BoxPredictor
-from model.config import MaskRCNNConfig
-from model.losses import fast_rcnn_losses, mask_loss
-from model.mask_head import MaskHead, MaskPredictor
-from model.matcher import Matcher
-from model.ops import MultiScaleRoIAlign, MultiScaleRoIPool
-from model.sampler import BalancedSampler
+from maskray.model.box_coder import BoxCoder
+from maskray.model.box_head import BoxHead, BoxPredictor
+from maskray.model.config import MaskRCNNConfig
+from maskray.model.losses import fast_rcnn_losses, mask_loss
+from maskray.model.mask_head import MaskHead, MaskPredictor
+from maskray.model.matcher import Matcher
+from maskray.model.ops import MultiScaleRoIAlign, MultiScaleRoIPool
+from maskray.model.sampler import BalancedSampler
 
 FPN_LEVELS = ("0", "1", "2", "3")
 

@@ -13,12 +13,12 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
 
-from model.anchors import AnchorGenerator
-from model.box_coder import BoxCoder
-from model.config import MaskRCNNConfig
-from model.losses import rpn_losses
-from model.matcher import Matcher
-from model.sampler import BalancedSampler
+from maskray.model.anchors import AnchorGenerator
+from maskray.model.box_coder import BoxCoder
+from maskray.model.config import MaskRCNNConfig
+from maskray.model.losses import rpn_losses
+from maskray.model.matcher import Matcher
+from maskray.model.sampler import BalancedSampler
 
 
 class RPNHead(nn.Module):

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.config import MaskRCNNConfig
+from maskray.model.config import MaskRCNNConfig
 
 
 def check_images(images: object) -> list[Tensor]:

@@ -65,6 +65,12 @@ class RetryPolicy:
         return ceiling * (0.5 + 0.5 * draw)
 
 
+# The one retry policy of every storage call maskray makes (reads, writes, listings), on top of
+# the storage client's own retries: 4 tries, waiting 0.25-0.5, 0.5-1 and 1-2 s between them.
+# Tests shorten the waits by replacing it (it is read at each call, never copied at import).
+STORAGE_RETRY = RetryPolicy()
+
+
 def http_status(error: BaseException) -> int | None:
     """The HTTP status the server answered with, if the error (or what caused it) carries one:
     botocore's ClientError, aiohttp's ClientResponseError, gcsfs's HttpError."""

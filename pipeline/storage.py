@@ -16,7 +16,9 @@ from urllib.parse import urlsplit, urlunsplit
 import fsspec
 from fsspec import AbstractFileSystem
 
-from pipeline.retry import error_chain, http_status
+from maskray.pipeline import retry
+from maskray.pipeline.errors import StorageError
+from maskray.pipeline.retry import attempts_made, error_chain, http_status, is_transient, retry_call
 
 # Option names whose values are secrets, at any depth of the storage options (s3fs's
 # key/secret/token, botocore's aws_secret_access_key, gcsfs's token, ...).
@@ -28,10 +30,6 @@ _SECRET_QUERY_NAME = re.compile(r"(signature|credential|security-token|token|sig
 # Environment variables whose values are secrets, redacted wherever they appear.
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "GOOGLE_APPLICATION_CREDENTIALS",
                "AZURE_STORAGE_KEY", "AZURE_STORAGE_SAS_TOKEN", "AZURE_STORAGE_CONNECTION_STRING")
-
-
-class StorageError(RuntimeError):
-    """Storage that cannot be used as asked: a missing bucket, a wrong endpoint, refused credentials."""
 
 
 def open_url(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[AbstractFileSystem, str]:
@@ -193,3 +191,19 @@ def check_reachable(url: str, fs: AbstractFileSystem, path: str, *, must_exist: 
         raise
     except Exception as error:  # noqa: BLE001 - botocore, aiohttp and fsspec raise many kinds
         raise StorageError(describe_storage_error(url, error)) from None
+
+
+def read_object(url: str, storage_options: Mapping[str, Any] | None = None) -> bytes:
+    """The whole object at ``url`` (a path or fsspec URL), retried by ``retry.STORAGE_RETRY``.
+
+    A missing object raises FileNotFoundError naming the URL; any other failure, StorageError with
+    a one-line reason (and how often it was tried)."""
+    fs, path = open_url(url, storage_options)
+    policy = retry.STORAGE_RETRY
+    try:
+        return retry_call(lambda: fs.cat_file(path), policy)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{public_url(url)}: no such file") from None
+    except Exception as error:  # noqa: BLE001 - botocore, aiohttp and fsspec raise many kinds
+        suffix = f" ({attempts_made(error, policy)})" if is_transient(error) else ""
+        raise StorageError(describe_storage_error(url, error) + suffix) from None

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.storage import StorageError, describe_storage_error, open_url, public_url
+from maskray.pipeline.storage import StorageError, describe_storage_error, open_url, public_url
 
 
 @dataclass(frozen=True)
@@ -38,8 +38,8 @@ def build_model(weights: Weights, overrides: Mapping[str, Any] | None = None, de
     """The model in ``weights`` (eval mode, inference layout) with config fields ``overrides``
     changed (e.g. ``box_score_thresh``), on ``device``. Raises ValueError naming the file for
     anything that is neither a maskray checkpoint nor a torchvision state dict."""
-    from model import MaskRCNN
-    from model.checkpoint import FORMAT, safe_load
+    from maskray.model import MaskRCNN
+    from maskray.model.checkpoint import FORMAT, safe_load
 
     try:
         state = safe_load(io.BytesIO(weights.data))

@@ -1,4 +1,4 @@
-"""Shared fixtures and helpers of the RoI operator tests (model.ops against torchvision.ops).
+"""Shared fixtures and helpers of the RoI operator tests (maskray.model.ops against torchvision.ops).
 
 torchvision is the oracle throughout: every expected value is computed by torchvision's op on
 the same inputs, never written down by hand.
@@ -12,11 +12,11 @@ import torch
 import torch._dynamo.testing
 import torchvision.ops
 
-import model.ops
+import maskray.model.ops
 
 requires_cuda = pytest.mark.skipif(
-    not torch.cuda.is_available() or not model.ops.has_cuda_kernels(),
-    reason="needs a CUDA device and a build of model.ops with its CUDA kernels",
+    not torch.cuda.is_available() or not maskray.model.ops.has_cuda_kernels(),
+    reason="needs a CUDA device and a build of maskray.model.ops with its CUDA kernels",
 )
 
 BOX_KINDS = ("inside", "partial", "outside", "degenerate")
@@ -189,9 +189,9 @@ class RoiOp:
 
 
 def _roi_op(name: str, **options) -> RoiOp:
-    """The RoiOp of ``name``, the same in model.ops, torchvision.ops and torch.ops.maskray."""
-    module = getattr(model.ops, {"roi_align": "RoIAlign", "roi_pool": "RoIPool"}[name])
-    return RoiOp(name, getattr(model.ops, name), getattr(torchvision.ops, name), getattr(torch.ops.maskray, name), module, **options)
+    """The RoiOp of ``name``, the same in maskray.model.ops, torchvision.ops and torch.ops.maskray."""
+    module = getattr(maskray.model.ops, {"roi_align": "RoIAlign", "roi_pool": "RoIPool"}[name])
+    return RoiOp(name, getattr(maskray.model.ops, name), getattr(torchvision.ops, name), getattr(torch.ops.maskray, name), module, **options)
 
 
 ROI_ALIGN = _roi_op(

@@ -87,7 +87,7 @@ def ray_local():
     (``ray_cluster``) and the next user of this fixture starts it again."""
     import ray
 
-    from pipeline.cluster import loopback_only
+    from maskray.pipeline.cluster import loopback_only
 
     if not ray.is_initialized():
         loopback_only()  # Ray must bind to 127.0.0.1, never the machine's other addresses
@@ -103,7 +103,7 @@ def ray_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
-    from pipeline.cluster import loopback_only
+    from maskray.pipeline.cluster import loopback_only
 
     ray.shutdown()
     loopback_only()

@@ -12,7 +12,9 @@ import threading
 
 import pytest
 
-from pipeline.segment import SegmentJob, run_segment
+from maskray.pipeline.segment.job import run_segment
+
+from maskray.pipeline.segment.settings import SegmentJob
 from tests.test_segment import (  # noqa: F401 - local_input and weights_path are fixtures
     assert_only_whole_parts, assert_same_rows, done_markers, local_input, wait_for, weights_path)
 

@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 from pycocotools.coco import COCO
 
-from pipeline.coco import CocoDataError, CocoDataset, RandomHorizontalFlip, collate, horizontal_flip
-from pipeline.shapes import write_shapes
+from maskray.pipeline.train.coco import CocoDataError, CocoDataset, RandomHorizontalFlip, collate, horizontal_flip
+from maskray.pipeline.train.shapes import write_shapes
 
 WIDTH, HEIGHT = 40, 30
 
@@ -83,7 +83,7 @@ def test_an_image_without_annotations_gives_an_empty_target_the_model_trains_on(
     assert target["boxes"].shape == (0, 4) and target["labels"].shape == (0,)
     assert target["masks"].shape == (0, HEIGHT, WIDTH)
 
-    from model import MaskRCNN, MaskRCNNConfig
+    from maskray.model import MaskRCNN, MaskRCNNConfig
 
     torch.manual_seed(0)
     config = MaskRCNNConfig.light(3, min_size=(64,), max_size=64, backbone_norm="batch", trainable_backbone_layers=5)
@@ -205,7 +205,7 @@ def test_rle_of_the_wrong_size_is_an_error(tmp_path):
 def test_an_undecodable_image_names_the_problem(tmp_path):
     json_path, images = write_set(tmp_path, [])
     (tmp_path / "images" / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
-    from pipeline.decode import ImageDecodeError
+    from maskray.pipeline.decode import ImageDecodeError
 
     with pytest.raises(ImageDecodeError):
         CocoDataset(json_path, images)[0]

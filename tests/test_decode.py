@@ -1,4 +1,4 @@
-"""pipeline.decode against Pillow as the oracle: every format and mode a bucket holds becomes
+"""maskray.pipeline.decode against Pillow as the oracle: every format and mode a bucket holds becomes
 the RGB tensor a viewer would show, and every broken file an ImageDecodeError that says why."""
 
 import io
@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from pipeline.decode import ImageDecodeError, decode_image
+from maskray.pipeline.decode import ImageDecodeError, decode_image
 
 
 def _rgb(height=24, width=32, seed=0) -> np.ndarray:

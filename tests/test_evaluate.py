@@ -17,8 +17,8 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from pipeline.evaluation import STAT_NAMES, coco_evaluate, detections_to_coco_results, write_results
-from pipeline.shapes import write_shapes
+from maskray.pipeline.train.evaluation import STAT_NAMES, coco_evaluate, detections_to_coco_results, write_results
+from maskray.pipeline.train.shapes import write_shapes
 
 DEMO_WEIGHTS = Path(__file__).resolve().parents[1] / "model" / "weights" / "shapes_light.pt"
 
@@ -110,7 +110,7 @@ def test_detections_become_coco_results():
 def test_evaluate_job_prints_what_cocoeval_gives_on_its_results_file(tmp_path, capsys):
     """The job end to end with the demo model on held-out shapes: its printed AP is COCOeval's
     on the results JSON it wrote, and the demo model is good at its task."""
-    from jobs import evaluate
+    from maskray.jobs import evaluate
 
     write_shapes(str(tmp_path / "held-out"), 10, seed=777, size=(160, 128))
     gt_path = str(tmp_path / "held-out" / "annotations.json")
@@ -132,8 +132,8 @@ def test_evaluate_job_prints_what_cocoeval_gives_on_its_results_file(tmp_path, c
 
 
 def test_evaluate_job_refuses_a_model_of_other_classes(tmp_path, capsys):
-    from jobs import evaluate
-    from model import MaskRCNN, MaskRCNNConfig
+    from maskray.jobs import evaluate
+    from maskray.model import MaskRCNN, MaskRCNNConfig
 
     write_shapes(str(tmp_path / "set"), 1, seed=1, size=(64, 64))
     MaskRCNN(MaskRCNNConfig.light(3, min_size=(64,), max_size=64)).save(tmp_path / "other.pt")

@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from model import MaskRCNN, MaskRCNNConfig
-from pipeline.decode import ImageDecodeError, decode_image
-from pipeline.manifest import Manifest
-from pipeline.query import connect
-from pipeline.segment import SegmentJob, run_segment
-from pipeline.storage import open_url
+from maskray.model import MaskRCNN, MaskRCNNConfig
+from maskray.pipeline.decode import ImageDecodeError, decode_image
+from maskray.pipeline.segment.manifest import Manifest
+from maskray.pipeline.results.query import connect
+from maskray.pipeline.segment.job import run_segment
+from maskray.pipeline.segment.settings import SegmentJob
+from maskray.pipeline.storage import open_url
 from tests.corpus import SKIPPED, Case, build_corpus, decoys, is_local_name, jpeg
 
 CORPUS = build_corpus()
@@ -55,7 +56,7 @@ def test_corpus_covers_the_issue():
 # The decoder, case by case ---------------------------------------------------------------------
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning:PIL")  # pytest resets the filter pipeline.decode sets for Pillow
+@pytest.mark.filterwarnings("ignore::UserWarning:PIL")  # pytest resets the filter maskray.pipeline.decode sets for Pillow
 @pytest.mark.parametrize("case", CORPUS, ids=_case_id)
 def test_decoder(case: Case):
     """The decoded picture (size, and pixels or colours where the case knows them), or an
@@ -205,10 +206,10 @@ def _local_uri(folder, key: str) -> str:
 def test_key_with_double_colon_is_read_as_it_is(where, weights_path, tmp_path, request, monkeypatch):
     """``photo::1.jpg`` (a colon pair is legal in S3 keys and file names: times, IPv6
     addresses) must be read as itself, not as ``photo`` beside it."""
-    from pipeline import worker as worker_module
-    from pipeline.listing import list_images
-    from pipeline.plan import Shard
-    from pipeline.weights import Weights
+    from maskray.pipeline.segment import worker as worker_module
+    from maskray.pipeline.segment.listing import list_images
+    from maskray.pipeline.segment.plan import Shard
+    from maskray.pipeline.weights import Weights
 
     monkeypatch.setattr(worker_module, "READ_BACKOFF_SECONDS", 0.0)
     files = {"photo::1.jpg": jpeg(40, 30), "photo": jpeg(99, 77)}  # "photo" has no image extension: not listed
@@ -237,10 +238,10 @@ def test_key_with_double_colon_is_read_as_it_is(where, weights_path, tmp_path, r
 def test_key_starting_with_a_slash(s3, weights_path, tmp_path):
     """An S3 key may start with '/' (``s3://bucket//photo.jpg``); listed from the bucket's root,
     it is read as itself, not as ``photo.jpg`` beside it."""
-    from pipeline import worker as worker_module
-    from pipeline.listing import list_images
-    from pipeline.plan import Shard
-    from pipeline.weights import Weights
+    from maskray.pipeline.segment import worker as worker_module
+    from maskray.pipeline.segment.listing import list_images
+    from maskray.pipeline.segment.plan import Shard
+    from maskray.pipeline.weights import Weights
 
     fs = s3.filesystem()
     fs.call_s3("put_object", Bucket=s3.name, Key="/photo.jpg", Body=jpeg(40, 30))  # s3fs's pipe would drop the '/'

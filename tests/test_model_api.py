@@ -21,9 +21,9 @@ import torch
 import torchvision
 from torchvision.models._meta import _COCO_CATEGORIES
 
-from model import LOSS_NAMES, MaskRCNN, MaskRCNNConfig
-from model.config import default_class_names
-from model.ops import MultiScaleRoIAlign, MultiScaleRoIPool
+from maskray.model import LOSS_NAMES, MaskRCNN, MaskRCNNConfig
+from maskray.model.config import default_class_names
+from maskray.model.ops import MultiScaleRoIAlign, MultiScaleRoIPool
 
 CLASS_NAMES = ("__background__", "cat", "dog", "bird")
 # Training tests resize to this (the preset's 320 would only make them slower).

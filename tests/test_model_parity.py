@@ -11,7 +11,7 @@ import pycocotools.mask as mask_util
 import pytest
 import torch
 
-from model import LOSS_NAMES, MaskRCNN, MaskRCNNConfig
+from maskray.model import LOSS_NAMES, MaskRCNN, MaskRCNNConfig
 from tests.torchvision_reference import calibrated_state_dict, torchvision_model
 
 SIZES = dict(min_size=320, max_size=512)

@@ -39,19 +39,19 @@ from torchvision.ops.feature_pyramid_network import (
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d as TVFrozenBatchNorm2d
 
-from model import MaskRCNNConfig
-from model.anchors import AnchorGenerator
-from model.backbone import FeaturePyramidNetwork, build_backbone
-from model.box_coder import BoxCoder
-from model.box_head import BoxHead, BoxPredictor
-from model.losses import fast_rcnn_losses, mask_loss, rpn_losses
-from model.mask_head import MaskPredictor
-from model.matcher import Matcher
-from model.resnet import FrozenBatchNorm2d, ResNet
-from model.roi_heads import RoIHeads
-from model.rpn import RegionProposalNetwork, RPNHead, _flatten_by_anchor
-from model.sampler import BalancedSampler
-from model.transform import ImageTransform, resize_boxes
+from maskray.model import MaskRCNNConfig
+from maskray.model.anchors import AnchorGenerator
+from maskray.model.backbone import FeaturePyramidNetwork, build_backbone
+from maskray.model.box_coder import BoxCoder
+from maskray.model.box_head import BoxHead, BoxPredictor
+from maskray.model.losses import fast_rcnn_losses, mask_loss, rpn_losses
+from maskray.model.mask_head import MaskPredictor
+from maskray.model.matcher import Matcher
+from maskray.model.resnet import FrozenBatchNorm2d, ResNet
+from maskray.model.roi_heads import RoIHeads
+from maskray.model.rpn import RegionProposalNetwork, RPNHead, _flatten_by_anchor
+from maskray.model.sampler import BalancedSampler
+from maskray.model.transform import ImageTransform, resize_boxes
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)

@@ -21,7 +21,7 @@ from conftest import (
     requires_cuda,
 )
 
-from model.ops import MultiScaleRoIAlign
+from maskray.model.ops import MultiScaleRoIAlign
 
 pytestmark = [pytest.mark.cuda, requires_cuda]
 

@@ -7,11 +7,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.listing import list_images
-from pipeline.manifest import Manifest, identity_mismatch
-from pipeline.plan import Plan
-from pipeline.storage import open_url
-from pipeline.writer import (
+from maskray.pipeline.segment.listing import list_images
+from maskray.pipeline.segment.manifest import Manifest, identity_mismatch
+from maskray.pipeline.segment.plan import Plan
+from maskray.pipeline.storage import open_url
+from maskray.pipeline.segment.output import (
     IMAGES_SCHEMA,
     commit_shard,
     finished_shards,

@@ -7,8 +7,8 @@ import torchvision.ops
 
 from conftest import FPN_IMAGE_SHAPES, fpn_boxes, fpn_features, pool_per_level, random_like_output
 
-from model.ops import MultiScaleRoIAlign, MultiScaleRoIPool
-from model.ops.poolers import fpn_levels
+from maskray.model.ops import MultiScaleRoIAlign, MultiScaleRoIPool
+from maskray.model.ops.poolers import fpn_levels
 
 NAMES = ["0", "1", "2", "3"]
 

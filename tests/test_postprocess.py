@@ -1,4 +1,4 @@
-"""model.postprocess against torchvision's paste and pycocotools' encoder.
+"""maskray.model.postprocess against torchvision's paste and pycocotools' encoder.
 
 The oracle throughout: ``paste_masks_in_image(...)[:, 0] > threshold`` (torchvision 0.29)
 encoded by ``pycocotools.mask.encode``; the counts strings must be equal byte for byte.
@@ -10,7 +10,7 @@ import torch
 from pycocotools import mask as mask_util
 from torchvision.models.detection.roi_heads import expand_boxes, paste_masks_in_image
 
-from model.postprocess import (
+from maskray.model.postprocess import (
     box_masks_to_rle_counts,
     encode_box_masks,
     paste_boxes,

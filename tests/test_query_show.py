@@ -10,10 +10,10 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from pipeline.query import connect, open_table, output_totals
-from pipeline.show import render_overlay
-from pipeline.storage import open_url
-from pipeline.writer import IMAGES_SCHEMA, INSTANCES_SCHEMA, commit_shard, table_to_parquet_bytes
+from maskray.pipeline.results.query import connect, open_table, output_totals
+from maskray.pipeline.results.show import render_overlay
+from maskray.pipeline.storage import open_url
+from maskray.pipeline.segment.output import IMAGES_SCHEMA, INSTANCES_SCHEMA, commit_shard, table_to_parquet_bytes
 
 HEIGHT, WIDTH = 40, 60
 

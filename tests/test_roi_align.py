@@ -1,4 +1,4 @@
-"""model.ops.roi_align against torchvision.ops.roi_align: the shared contract (conftest.py)
+"""maskray.model.ops.roi_align against torchvision.ops.roi_align: the shared contract (conftest.py)
 over every sampling_ratio and both pixel models, and what is RoIAlign's own."""
 
 import pytest
@@ -7,7 +7,7 @@ import torchvision.ops
 
 from conftest import FEATURE, OUTPUT_SIZE, ROI_ALIGN, RoiOpContract, assert_agree, make_input, output_and_grad, random_rois
 
-import model.ops
+import maskray.model.ops
 
 
 class TestRoIAlign(RoiOpContract):
@@ -23,7 +23,7 @@ def test_box_reversed_by_a_bin_pools_nothing(sampling_ratio, generator):
     x = make_input(FEATURE, generator=generator)
     rois = torch.tensor([[0, 2.0, 9.0, 12.0, 1.0], [1, 14.0, 1.5, 3.0, 11.0]])  # y reversed; x reversed
     grad_output = x.new_ones(2, FEATURE[1], *OUTPUT_SIZE)
-    out, grad = output_and_grad(lambda t: model.ops.roi_align(t, rois, OUTPUT_SIZE, 1.0, sampling_ratio, True), x, grad_output)
+    out, grad = output_and_grad(lambda t: maskray.model.ops.roi_align(t, rois, OUTPUT_SIZE, 1.0, sampling_ratio, True), x, grad_output)
     assert not out.any()
     assert not grad.any()
 
@@ -31,7 +31,7 @@ def test_box_reversed_by_a_bin_pools_nothing(sampling_ratio, generator):
 def test_module_matches_torchvision_module(generator):
     x = make_input(FEATURE, generator=generator)
     rois = random_rois(FEATURE[0], 12, *FEATURE[2:], 0.25, generator)
-    ours = model.ops.RoIAlign((2, 5), 0.25, sampling_ratio=3, aligned=True)
+    ours = maskray.model.ops.RoIAlign((2, 5), 0.25, sampling_ratio=3, aligned=True)
     theirs = torchvision.ops.RoIAlign((2, 5), 0.25, sampling_ratio=3, aligned=True)
     torch.testing.assert_close(ours(x, rois), theirs(x, rois))
     assert "sampling_ratio=3, aligned=True" in repr(ours)
@@ -41,7 +41,7 @@ def test_module_matches_torchvision_module(generator):
 def test_inductor_matches_eager(generator):
     # One inductor compile (it generates and builds C++, some seconds), forward and backward.
     def f(x, rois):
-        return model.ops.roi_align(x, rois, OUTPUT_SIZE, 0.5, 2, True).sin()
+        return maskray.model.ops.roi_align(x, rois, OUTPUT_SIZE, 0.5, 2, True).sin()
 
     torch._dynamo.reset()
     compiled = torch.compile(f, backend="inductor", fullgraph=True)
@@ -55,6 +55,6 @@ def test_huge_box_with_adaptive_sampling_is_refused(generator):
     x = make_input(FEATURE, generator=generator)
     rois = torch.tensor([[0, 0.0, 0.0, 1e9, 4.0]])
     with pytest.raises(RuntimeError, match=r"rois\[0\] spans .* pass a sampling_ratio > 0"):
-        model.ops.roi_align(x, rois, OUTPUT_SIZE, 1.0, -1)
-    out = model.ops.roi_align(x, rois, OUTPUT_SIZE, 1.0, 2)
+        maskray.model.ops.roi_align(x, rois, OUTPUT_SIZE, 1.0, -1)
+    out = maskray.model.ops.roi_align(x, rois, OUTPUT_SIZE, 1.0, 2)
     torch.testing.assert_close(out, torchvision.ops.roi_align(x, rois, OUTPUT_SIZE, 1.0, 2))

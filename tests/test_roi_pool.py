@@ -1,4 +1,4 @@
-"""model.ops.roi_pool against torchvision.ops.roi_pool: the shared contract (conftest.py)
+"""maskray.model.ops.roi_pool against torchvision.ops.roi_pool: the shared contract (conftest.py)
 and what is RoIPool's own (argmax, ties, exact half precision)."""
 
 import pytest
@@ -7,7 +7,7 @@ import torchvision.ops
 
 from conftest import FEATURE, OUTPUT_SIZE, ROI_POOL, RoiOpContract, make_input, random_rois
 
-import model.ops
+import maskray.model.ops
 
 
 class TestRoIPool(RoiOpContract):
@@ -42,13 +42,13 @@ def test_ties_pick_the_first_maximum(layout, generator):
 def test_half_forward_is_exact(dtype, generator):
     # A max selects a value: no rounding, so equal to float32 on the upcast values bit for bit.
     x, r = make_input(FEATURE, generator=generator, dtype=dtype), rois(generator).to(dtype)
-    out = model.ops.roi_pool(x, r, OUTPUT_SIZE)
+    out = maskray.model.ops.roi_pool(x, r, OUTPUT_SIZE)
     assert out.dtype == dtype
     assert torch.equal(out.float(), torchvision.ops.roi_pool(x.float(), r.float(), OUTPUT_SIZE))
 
 
 def test_module_matches_torchvision_module(generator):
     x, r = make_input(FEATURE, generator=generator), rois(generator, 0.25)
-    ours, theirs = model.ops.RoIPool((2, 5), 0.25), torchvision.ops.RoIPool((2, 5), 0.25)
+    ours, theirs = maskray.model.ops.RoIPool((2, 5), 0.25), torchvision.ops.RoIPool((2, 5), 0.25)
     torch.testing.assert_close(ours(x, r), theirs(x, r))
     assert "output_size=(2, 5), spatial_scale=0.25" in repr(ours)

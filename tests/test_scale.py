@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import scale  # noqa: E402
-from pipeline.query import connect  # noqa: E402
+from maskray.pipeline.results.query import connect  # noqa: E402
 
 PLAN_KEYS = 20_000  # and 10x: the 200,000-key listing is the one checked key by key
 
@@ -50,7 +50,7 @@ def test_listing_keeps_pythons_order_and_forms(tmp_path):
 
     import pyarrow as pa
 
-    from pipeline.listing import list_images
+    from maskray.pipeline.segment.listing import list_images
 
     rng = random.Random(3)
     alphabet = "aZ09-_./ éßœж中😀\u00ff\u0100"

@@ -37,7 +37,7 @@ class _Payload:
 @pytest.fixture
 def crafted_weights(tmp_path) -> tuple[Path, Path]:
     """A weights file that looks like a state dict and runs code when fully unpickled."""
-    from model import MaskRCNN, MaskRCNNConfig
+    from maskray.model import MaskRCNN, MaskRCNNConfig
 
     marker = tmp_path / "code-ran"
     state = MaskRCNN(MaskRCNNConfig.light(num_classes=3, min_size=(64,), max_size=64)).state_dict()
@@ -51,8 +51,8 @@ def crafted_weights(tmp_path) -> tuple[Path, Path]:
 
 
 def test_pickled_code_in_weights_is_refused_by_every_entry_point(crafted_weights, tmp_path, capsys):
-    from jobs.cli import main
-    from pipeline.shapes import write_shapes
+    from maskray.jobs.cli import main
+    from maskray.pipeline.train.shapes import write_shapes
 
     path, marker = crafted_weights
     write_shapes(str(tmp_path / "data"), 2, seed=1, size=(64, 64))
@@ -119,7 +119,7 @@ def test_credentials_never_reach_logs_outputs_or_error_rows(s3, tmp_path):
     """The job as users run it, twice: credentials on the command line (storage options), then
     from the environment. Planted secrets are searched for in the console, Ray's own logs, every
     output file (decoded), and the error rows, which quote storage errors."""
-    from pipeline.query import connect
+    from maskray.pipeline.results.query import connect
 
     fs = s3.filesystem()
     for i in range(3):
@@ -128,7 +128,7 @@ def test_credentials_never_reach_logs_outputs_or_error_rows(s3, tmp_path):
     listing = [s3.url("in", f"img{i}.png") for i in range(3)] + [s3.url("in", "broken.png"), s3.url("in", "gone.png")]
     fs.pipe_file(f"{s3.name}/list.txt", "\n".join(listing).encode())
 
-    from model import MaskRCNN, MaskRCNNConfig
+    from maskray.model import MaskRCNN, MaskRCNNConfig
 
     torch.manual_seed(0)
     weights = tmp_path / "w.pt"
@@ -146,7 +146,7 @@ def test_credentials_never_reach_logs_outputs_or_error_rows(s3, tmp_path):
     console = []
 
     def maskray(*argv: str) -> subprocess.CompletedProcess:
-        done = subprocess.run([sys.executable, "-m", "jobs.cli", *argv], cwd=ROOT, env=env, capture_output=True, text=True,
+        done = subprocess.run([sys.executable, "-m", "maskray.jobs.cli", *argv], cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=600)
         console.append(done.stdout + done.stderr)
         return done
@@ -185,7 +185,7 @@ _LISTENERS = """
 import json, time
 import ray  # imported first, as a user's script may: maskray must still keep the cluster on loopback
 import psutil
-from pipeline.cluster import connect_ray
+from maskray.pipeline.cluster import connect_ray
 
 connect_ray(None, dashboard=True)
 

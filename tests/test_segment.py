@@ -20,13 +20,15 @@ import torch
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
-from model import MaskRCNN, MaskRCNNConfig
-from pipeline.decode import decode_image
-from pipeline.plan import Plan
-from pipeline.query import connect, open_table
-from pipeline.segment import JobError, SegmentJob, run_segment
-from pipeline.storage import StorageError, open_url
-from pipeline.weights import Weights, build_model
+from maskray.model import MaskRCNN, MaskRCNNConfig
+from maskray.pipeline.decode import decode_image
+from maskray.pipeline.segment.plan import Plan
+from maskray.pipeline.results.query import connect, open_table
+from maskray.pipeline.errors import JobError
+from maskray.pipeline.segment.job import run_segment
+from maskray.pipeline.segment.settings import SegmentJob
+from maskray.pipeline.storage import StorageError, open_url
+from maskray.pipeline.weights import Weights, build_model
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,7 +158,7 @@ def test_job_over_s3_bucket(ray_local, s3, weights_path):
     assert open_table(s3.url("out"), "instances", s3.storage_options).count_rows() == summary.instances
 
     # The manifest says what made the output; no credential anywhere in it.
-    from pipeline.manifest import Manifest
+    from maskray.pipeline.segment.manifest import Manifest
 
     out_fs, out_path = open_url(s3.url("out"), s3.storage_options)
     manifest = Manifest.read(out_fs, out_path)
@@ -209,10 +211,10 @@ def test_empty_input_is_an_error(tmp_path, weights_path):
 def test_a_read_that_keeps_failing_fails_the_shard_uncommitted(weights_path, tmp_path, monkeypatch):
     """An image that is gone is an error row (final); storage that keeps failing is not the
     image's fault, so its shard raises and stays uncommitted, to be retried or rerun."""
-    from pipeline import worker as worker_module
-    from pipeline.listing import list_images
-    from pipeline.plan import Shard
-    from pipeline.writer import finished_shards
+    from maskray.pipeline.segment import worker as worker_module
+    from maskray.pipeline.segment.listing import list_images
+    from maskray.pipeline.segment.plan import Shard
+    from maskray.pipeline.segment.output import finished_shards
 
     monkeypatch.setattr(worker_module, "READ_BACKOFF_SECONDS", 0.0)
     folder = write_local(tmp_path / "in", {"a.png": sample_image(1)})
@@ -390,7 +392,7 @@ def test_runs_on_a_second_node(ray_cluster, local_input, weights_path, tmp_path)
     ],
 )
 def test_bad_arguments(argv, message, capsys):
-    from jobs.cli import main
+    from maskray.jobs.cli import main
 
     with pytest.raises(SystemExit) as exited:
         main(argv)
@@ -400,7 +402,7 @@ def test_bad_arguments(argv, message, capsys):
 
 
 def test_cli_segment_query_show(ray_local, local_input, weights_path, tmp_path, capsys):
-    from jobs.cli import main
+    from maskray.jobs.cli import main
 
     output = tmp_path / "out"
     # A glob input: the 24 images under img/ (the broken files are beside it, in broken/).

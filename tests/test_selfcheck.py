@@ -1,7 +1,7 @@
 """``maskray selfcheck``, the README's main job until the segmentation pipeline lands."""
 
-from jobs.cli import main
-from model.ops.selfcheck import run_checks
+from maskray.jobs.cli import main
+from maskray.model.ops.selfcheck import run_checks
 
 
 def test_every_case_is_checked_and_agrees():

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from pipeline.shapes import CATEGORIES, NOISE_SIGMA, SHAPES_PER_IMAGE, make_image, parse_size, write_shapes
+from maskray.pipeline.train.shapes import CATEGORIES, NOISE_SIGMA, SHAPES_PER_IMAGE, make_image, parse_size, write_shapes
 
 
 def dilate(mask: np.ndarray, steps: int) -> np.ndarray:
@@ -109,7 +109,7 @@ def test_rle_decodes_to_the_image_size():
 
 
 def test_make_shapes_job_writes_to_a_bucket(s3, capsys):
-    from jobs import make_shapes
+    from maskray.jobs import make_shapes
 
     parser = argparse.ArgumentParser()
     make_shapes.add_arguments(parser)
@@ -124,7 +124,7 @@ def test_make_shapes_job_writes_to_a_bucket(s3, capsys):
 
 
 def test_make_shapes_job_locally(tmp_path, capsys):
-    from jobs import make_shapes
+    from maskray.jobs import make_shapes
 
     parser = argparse.ArgumentParser()
     make_shapes.add_arguments(parser)

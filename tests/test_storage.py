@@ -1,9 +1,9 @@
-"""pipeline.storage: URLs, fail-fast checks on a real (loopback) S3 server, and credentials kept
+"""maskray.pipeline.storage: URLs, fail-fast checks on a real (loopback) S3 server, and credentials kept
 out of every message."""
 
 import pytest
 
-from pipeline.storage import (
+from maskray.pipeline.storage import (
     StorageError,
     check_reachable,
     describe_storage_error,

@@ -21,22 +21,24 @@ import torch
 from botocore.exceptions import ClientError, ConnectionClosedError, EndpointConnectionError, NoCredentialsError, ReadTimeoutError
 from s3fs.errors import translate_boto_error
 
-from pipeline.decode import decode_image
-from pipeline.plan import Plan
-from pipeline.query import connect
-from pipeline.retry import RetryPolicy, is_transient, retry_call
-from pipeline.segment import MAX_SHARD_ATTEMPTS, SegmentJob, run_segment
-from pipeline.storage import open_url
-from pipeline.weights import Weights
-from pipeline.worker import READ_ATTEMPTS
-from pipeline.writer import WRITE_ATTEMPTS, StorageWriteError, write_bytes_atomically
+from maskray.pipeline.decode import decode_image
+from maskray.pipeline.segment.plan import Plan
+from maskray.pipeline.results.query import connect
+from maskray.pipeline.retry import RetryPolicy, is_transient, retry_call
+from maskray.pipeline.segment.job import run_segment
+from maskray.pipeline.segment.scheduler import MAX_SHARD_ATTEMPTS
+from maskray.pipeline.segment.settings import SegmentJob
+from maskray.pipeline.storage import open_url
+from maskray.pipeline.weights import Weights
+from maskray.pipeline.segment.worker import READ_ATTEMPTS
+from maskray.pipeline.segment.output import WRITE_ATTEMPTS, StorageWriteError, write_bytes_atomically
 from tests.faults import FaultProxy, FaultRule
 from tests.services import s3_storage_options
 from tests.test_segment import BROKEN, sample_files, sample_image, weights_path  # noqa: F401 - weights_path is a fixture
 
 IMAGES = 21  # + the 3 broken files: 24 inputs, 12 shards of 2 (many writes: 36 PUTs)
 SHARD_SIZE = 2
-# The requests that maskray retries itself (pipeline.retry): the workers' reads of the input and
+# The requests that maskray retries itself (maskray.pipeline.retry): the workers' reads of the input and
 # writes of part files and done-markers, and the listing of done-markers. The driver's other
 # requests (the listing of the input, the manifest, the plan, the final totals) have only the
 # storage client's retries (5 tries): at a quarter faulted, about one driver request in 3,000
@@ -203,7 +205,7 @@ def test_a_write_is_retried_past_the_clients_retries(s3, monkeypatch):
     retries only throttling and dropped connections itself): a PUT answered 500, then dropped,
     lands on the third try; one answered 500 every time raises StorageWriteError naming the
     object, the reason and the tries, and leaves no object."""
-    from pipeline import writer
+    from maskray.pipeline.segment import output as writer
 
     monkeypatch.setattr(writer, "WRITE_BACKOFF_SECONDS", 0.0)
     with FaultProxy(s3.endpoint) as proxy:
@@ -233,7 +235,7 @@ def test_a_read_is_retried_and_a_passing_fault_never_becomes_the_images_error(s3
     whole (a body cut short is noticed and read again, never decoded as a broken image); a
     fault that never passes fails the shard (ShardReadError), while an image that is gone is
     that image's error row."""
-    from pipeline import worker as worker_module
+    from maskray.pipeline.segment import worker as worker_module
 
     monkeypatch.setattr(worker_module, "READ_BACKOFF_SECONDS", 0.0)
     data = sample_image(1)

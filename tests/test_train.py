@@ -26,25 +26,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import MaskRCNN, MaskRCNNConfig
-from pipeline.coco import CocoDataset
-from pipeline.evaluation import coco_evaluate, predict_coco_results
-from pipeline.shapes import write_shapes
-from pipeline.training import (
-    CHECKPOINT_FILE,
-    RUN_NAME,
-    SNAPSHOT_FILE,
-    TrainingError,
-    TrainSettings,
-    export_model,
-    load_initial_weights,
-    lr_factor,
-    model_config,
-    recorded_checkpoint,
-    steps_at_epochs,
-    train,
-)
-from model.checkpoint import safe_load
+from maskray.model import MaskRCNN, MaskRCNNConfig
+from maskray.pipeline.train.coco import CocoDataset
+from maskray.pipeline.train.evaluation import coco_evaluate, predict_coco_results
+from maskray.pipeline.train.shapes import write_shapes
+from maskray.pipeline.errors import TrainingError
+from maskray.pipeline.train.driver import recorded_checkpoint, train
+from maskray.pipeline.train.initial_weights import export_model, load_initial_weights, model_config
+from maskray.pipeline.train.schedule import lr_factor, steps_at_epochs
+from maskray.pipeline.train.settings import CHECKPOINT_FILE, RUN_NAME, SNAPSHOT_FILE, TrainSettings
+from maskray.model.checkpoint import safe_load
 
 REPO = Path(__file__).resolve().parents[1]
 # A small, quick model: the light preset, narrower, on 96-pixel images.
@@ -78,7 +69,7 @@ def tiny_args(shapes: Path, output: str, *extra: str) -> list[str]:
 
 
 def parse(args: list[str]) -> argparse.Namespace:
-    from jobs import train as train_job
+    from maskray.jobs import train as train_job
 
     parser = argparse.ArgumentParser()
     train_job.add_arguments(parser)
@@ -135,7 +126,7 @@ def test_two_workers_learn_and_a_run_killed_mid_epoch_resumes(tiny_shapes, tmp_p
     # 1. The job as users start it, in its own process (and its own local Ray), killed with
     #    SIGKILL in the middle of an epoch: once Ray Train has recorded a checkpoint, half an
     #    epoch later (the next epoch's steps take about as long as the last one's did).
-    script = ("import sys; from jobs import train; import argparse; p = argparse.ArgumentParser(); "
+    script = ("import sys; from maskray.jobs import train; import argparse; p = argparse.ArgumentParser(); "
               "train.add_arguments(p); sys.exit(train.run(p.parse_args(sys.argv[1:])))")
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     env.pop("RAY_ADDRESS", None)
@@ -314,7 +305,7 @@ def test_our_checkpoint_starts_a_model_of_other_classes(tmp_path):
     torch.manual_seed(0)
     source = MaskRCNN(MaskRCNNConfig.light(4, **{k: tuple(v) if isinstance(v, list) else v for k, v in TINY.items()}))
     source.save(tmp_path / "source.pt", weights_dtype="float16")
-    from pipeline.training import initial_state, read_weights_file
+    from maskray.pipeline.train.initial_weights import initial_state, read_weights_file
 
     init_config, state_dict = initial_state(read_weights_file(str(tmp_path / "source.pt")))
     settings = TrainSettings(train_json="x", train_images="y", output="z", model_options={"max_size": 128})
@@ -376,7 +367,7 @@ def test_bad_training_data_stops_the_job_before_any_worker(tmp_path):
     (tmp_path / "data" / "images" / "000001.png").unlink()
     settings = TrainSettings(train_json=str(tmp_path / "data" / "annotations.json"),
                              train_images=str(tmp_path / "data" / "images"), output=str(tmp_path / "out"))
-    from pipeline.coco import CocoDataError
+    from maskray.pipeline.train.coco import CocoDataError
 
     with pytest.raises(CocoDataError, match="000001.png"):
         train(settings, log=lambda _: None)

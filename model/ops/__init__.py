@@ -5,10 +5,10 @@ registered as ``torch.ops.maskray.*`` with autograd, fake kernels (``torch.compi
 ``torch.export`` trace through them) and autocast (they run in float32 under autocast).
 """
 
-from model.ops._library import has_cuda_kernels
-from model.ops.poolers import MultiScaleRoIAlign, MultiScaleRoIPool
-from model.ops.roi_align import RoIAlign, roi_align
-from model.ops.roi_pool import RoIPool, roi_pool
+from maskray.model.ops._library import has_cuda_kernels
+from maskray.model.ops.poolers import MultiScaleRoIAlign, MultiScaleRoIPool
+from maskray.model.ops.roi_align import RoIAlign, roi_align
+from maskray.model.ops.roi_pool import RoIPool, roi_pool
 
 __all__ = [
     "MultiScaleRoIAlign",

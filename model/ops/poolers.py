@@ -12,9 +12,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from model.ops._checks import output_pair, rois_from_boxes
-from model.ops.roi_align import roi_align
-from model.ops.roi_pool import roi_pool
+from maskray.model.ops._checks import output_pair, rois_from_boxes
+from maskray.model.ops.roi_align import roi_align
+from maskray.model.ops.roi_pool import roi_pool
 
 
 def infer_scale(feature: Tensor, image_size: Sequence[int]) -> float:

@@ -5,8 +5,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from model.ops import _library  # noqa: F401  (registers the compiled op)
-from model.ops._checks import check_input, check_rois, layout_of, output_pair, rois_from_boxes
+from maskray.model.ops import _library  # noqa: F401  (registers the compiled op)
+from maskray.model.ops._checks import check_input, check_rois, layout_of, output_pair, rois_from_boxes
 
 
 def roi_align(

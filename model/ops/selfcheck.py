@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import torch
 import torchvision
 
-from model.ops._library import has_cuda_kernels
-from model.ops.roi_align import roi_align
-from model.ops.roi_pool import roi_pool
+from maskray.model.ops._library import has_cuda_kernels
+from maskray.model.ops.roi_align import roi_align
+from maskray.model.ops.roi_pool import roi_pool
 
 TOLERANCE = 1e-4  # float32; the kernels do torchvision's arithmetic, so differences are rounding
 

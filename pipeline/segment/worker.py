@@ -26,16 +26,22 @@ from typing import Any
 import pyarrow as pa
 import torch
 
-from pipeline.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
-from pipeline.plan import Shard
-from pipeline.retry import RetryPolicy, attempts_made, retry_call
-from pipeline.storage import describe_storage_error, open_object_url, open_url, redact, secret_values
-from pipeline.weights import Weights, build_model
-from pipeline.writer import IMAGES, IMAGES_SCHEMA, INSTANCES, INSTANCES_SCHEMA, StorageWriteError, commit_shard
-
+from maskray.pipeline.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
+from maskray.pipeline.retry import RetryPolicy, attempts_made, retry_call
+from maskray.pipeline.segment.output import (
+    IMAGES,
+    IMAGES_SCHEMA,
+    INSTANCES,
+    INSTANCES_SCHEMA,
+    StorageWriteError,
+    commit_shard,
+)
+from maskray.pipeline.segment.plan import Shard
+from maskray.pipeline.storage import describe_storage_error, open_object_url, open_url, redact, secret_values
+from maskray.pipeline.weights import Weights, build_model
 
 # A read that fails for a reason that may pass is tried this often in all, waiting 0.25-0.5,
-# 0.5-1, 1-2 s between tries (pipeline.retry), on top of the retries the storage client makes itself.
+# 0.5-1, 1-2 s between tries (maskray.pipeline.retry), on top of the retries the storage client makes itself.
 READ_ATTEMPTS = 4
 READ_BACKOFF_SECONDS = 0.5
 # Reads that end the image's own row rather than the shard: the object is not there (any more).

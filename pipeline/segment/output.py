@@ -6,7 +6,7 @@ written whole or not at all: on a local disk it is written under a temporary nam
 shard counts as done when its done-marker exists, which is written after both part files, so
 a shard whose writer died halfway is simply redone, and rewriting a part gives the same file.
 That is also what makes retrying a failed write safe: an object store write that failed for a
-reason that may pass (throttling, a 5xx, a dropped connection) is tried again (pipeline.retry),
+reason that may pass (throttling, a 5xx, a dropped connection) is tried again (maskray.pipeline.retry),
 and one that keeps failing raises StorageWriteError with the shard uncommitted.
 """
 
@@ -20,8 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
-from pipeline.retry import RetryPolicy, attempts_made, is_transient, retry_call
-from pipeline.storage import StorageError, describe_storage_error, full_url, is_local, join
+from maskray.pipeline.retry import RetryPolicy, attempts_made, is_transient, retry_call
+from maskray.pipeline.storage import StorageError, describe_storage_error, full_url, is_local, join
 
 INSTANCES = "instances"
 IMAGES = "images"
@@ -60,7 +60,7 @@ IMAGES_SCHEMA = pa.schema(
 
 SCHEMAS = {INSTANCES: INSTANCES_SCHEMA, IMAGES: IMAGES_SCHEMA}
 # A write or listing of object storage that fails for a reason that may pass is tried this often
-# in all, waiting 0.25-0.5, 0.5-1, 1-2 s between tries (pipeline.retry), on top of the storage
+# in all, waiting 0.25-0.5, 0.5-1, 1-2 s between tries (maskray.pipeline.retry), on top of the storage
 # client's own retries. Local disks are not retried: their errors (a full disk) do not pass.
 WRITE_ATTEMPTS = 4
 WRITE_BACKOFF_SECONDS = 0.5

@@ -2,8 +2,8 @@
 
 ``CocoDataset(json_url, images_url)`` reads a COCO instances JSON and serves, per image, the
 uint8 Tensor[3, H, W] and its target (``boxes`` xyxy float, ``labels`` int64 1..K, ``masks``
-uint8 [N, H, W], ``image_id``). Images are read with ``pipeline.storage.open_url`` and decoded
-by ``pipeline.decode.decode_image``: the very path the segmentation job takes.
+uint8 [N, H, W], ``image_id``). Images are read with ``maskray.pipeline.storage.open_url`` and decoded
+by ``maskray.pipeline.decode.decode_image``: the very path the segmentation job takes.
 
 What is done with the data, as torchvision's detection references do:
 
@@ -34,11 +34,12 @@ import pycocotools.mask as mask_util
 import torch
 from torch import Tensor
 
-from pipeline.decode import decode_image
-from pipeline.storage import join, open_url, public_url
+from maskray.pipeline.decode import decode_image
+from maskray.pipeline.errors import MaskrayError
+from maskray.pipeline.storage import join, open_url, public_url
 
 
-class CocoDataError(ValueError):
+class CocoDataError(MaskrayError, ValueError):
     """The COCO JSON or its images cannot be used as they are; the message says where and why."""
 
 

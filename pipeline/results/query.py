@@ -12,10 +12,10 @@ from typing import Any
 
 import pyarrow.dataset as ds
 
-from pipeline.plan import Plan
-from pipeline.retry import RetryPolicy, retry_call
-from pipeline.storage import full_url, is_local, join, open_url, public_url
-from pipeline.writer import IMAGES, INSTANCES, SCHEMAS, finished_shards, shard_of_part
+from maskray.pipeline.retry import RetryPolicy, retry_call
+from maskray.pipeline.segment.output import IMAGES, INSTANCES, SCHEMAS, finished_shards, shard_of_part
+from maskray.pipeline.segment.plan import Plan
+from maskray.pipeline.storage import full_url, is_local, join, open_url, public_url
 
 TABLES = (INSTANCES, IMAGES)
 

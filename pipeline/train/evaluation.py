@@ -48,9 +48,8 @@ def detections_to_coco_results(image_id: int, detection: Mapping[str, Any], cate
 
 def coco_ground_truth(data: dict):
     """A pycocotools COCO object over an already loaded instances JSON (quietly)."""
-    from pycocotools.coco import COCO
-
     from pycocotools import mask as mask_utils
+    from pycocotools.coco import COCO
 
     coco = COCO()
     coco.dataset = copy.deepcopy(data)
@@ -108,7 +107,7 @@ def coco_evaluate(ground_truth: dict, results: list[dict], iou_types: Sequence[s
 @torch.no_grad()
 def predict_coco_results(model, dataset, indices: Sequence[int] | None = None, batch_size: int = 4,
                          device: torch.device | str = "cpu", progress: bool = False) -> list[dict]:
-    """The model's detections on ``dataset`` (a pipeline.coco.CocoDataset), as COCO results."""
+    """The model's detections on ``dataset`` (a maskray.pipeline.train.coco.CocoDataset), as COCO results."""
     was_training = model.training
     model.eval()
     indices = list(range(len(dataset))) if indices is None else list(indices)
@@ -130,7 +129,7 @@ def predict_coco_results(model, dataset, indices: Sequence[int] | None = None, b
 
 def write_results(results: list[dict], url: str, storage_options: Mapping[str, Any] | None = None) -> None:
     """The COCO results JSON (a list of detections), at a local path or fsspec URL."""
-    from pipeline.storage import open_url
+    from maskray.pipeline.storage import open_url
 
     fs, path = open_url(url, storage_options)
     parent = path.rsplit("/", 1)[0] if "/" in path else ""

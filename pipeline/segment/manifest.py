@@ -15,9 +15,9 @@ from typing import Any
 
 from fsspec import AbstractFileSystem
 
-from pipeline.retry import RetryPolicy, retry_call
-from pipeline.storage import join
-from pipeline.writer import write_bytes_atomically
+from maskray.pipeline.retry import RetryPolicy, retry_call
+from maskray.pipeline.segment.output import write_bytes_atomically
+from maskray.pipeline.storage import join
 
 MANIFEST_FILE = "_manifest.json"
 FORMAT = "maskray.segment"

@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
-from pipeline.storage import join
-from pipeline.writer import write_bytes_atomically
+from maskray.pipeline.segment.output import write_bytes_atomically
+from maskray.pipeline.storage import join
 
 PLAN_FILE = "_plan.parquet"
 PLAN_SCHEMA = pa.schema([pa.field("image_id", pa.int64(), nullable=False), pa.field("image_uri", pa.string(), nullable=False)])

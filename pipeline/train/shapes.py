@@ -186,7 +186,7 @@ def make_image(seed: int, index: int, width: int, height: int) -> tuple[bytes, l
 def write_shapes(out_url: str, count: int, seed: int, size: tuple[int, int] = (160, 128),
                  storage_options: dict | None = None, progress: bool = False) -> dict:
     """Writes ``OUT/images/NNNNNN.png`` and ``OUT/annotations.json``; returns a summary."""
-    from pipeline.storage import join, open_url
+    from maskray.pipeline.storage import join, open_url
 
     if count < 1:
         raise ValueError(f"count must be at least 1, got {count}")

@@ -22,9 +22,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
-from pipeline.decode import EXTENSIONS
-from pipeline.retry import RetryPolicy, retry_call
-from pipeline.storage import full_url, is_glob, join, open_url, public_url
+from maskray.pipeline.decode import EXTENSIONS
+from maskray.pipeline.retry import RetryPolicy, retry_call
+from maskray.pipeline.storage import full_url, is_glob, join, open_url, public_url
 
 LIST_FILE_EXTENSIONS = (".txt", ".lst")
 PARQUET_COLUMNS = ("image_uri", "uri", "path")

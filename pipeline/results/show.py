@@ -12,10 +12,10 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import torch
 
-from pipeline.decode import decode_image
-from pipeline.query import open_table
-from pipeline.storage import open_object_url
-from pipeline.writer import IMAGES, INSTANCES
+from maskray.pipeline.decode import decode_image
+from maskray.pipeline.results.query import open_table
+from maskray.pipeline.segment.output import IMAGES, INSTANCES
+from maskray.pipeline.storage import open_object_url
 
 # Distinct, readable colours; a label keeps its colour across images.
 PALETTE = ["#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6",

@@ -1,0 +1,1 @@
+"""Reading a segmentation output back: SQL over its tables (``query``) and pictures (``show``)."""

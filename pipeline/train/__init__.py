@@ -1,0 +1,1 @@
+"""Training with Ray Train and COCO evaluation (``maskray.pipeline.train.driver.train``)."""

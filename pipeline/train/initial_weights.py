@@ -1,0 +1,118 @@
+"""Where a training run starts from and what it ends with: the model's config, the weights of
+``--init`` (ours or torchvision's, with the class heads re-made for another number of classes),
+and the exported model.pt."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from maskray.model import MaskRCNN, MaskRCNNConfig
+from maskray.model.checkpoint import FORMAT, float32_state_dict, read_torchvision_state_dict, safe_load
+from maskray.pipeline.storage import open_url, public_url
+from maskray.pipeline.train.settings import TrainingError, TrainSettings
+
+# The heads whose shape depends on the number of classes: re-made when that number changes.
+CLASS_HEADS = ("roi_heads.box_predictor.cls_score.", "roi_heads.box_predictor.bbox_pred.",
+               "roi_heads.mask_predictor.mask_fcn_logits.")
+
+
+def fetch_weights(url: str, storage_options: Mapping[str, Any] | None = None) -> io.BytesIO:
+    """The bytes of a weights file at a path or fsspec URL, as a file object named by its URL."""
+    fs, path = open_url(url, storage_options)
+    try:
+        with fs.open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise TrainingError(f"{public_url(url)}: no such weights file") from None
+    buffer = io.BytesIO(data)
+    buffer.name = public_url(url)
+    return buffer
+
+
+def read_weights_file(url: str, storage_options: Mapping[str, Any] | None = None) -> Any:
+    """A weights file at a path or fsspec URL, read with ``weights_only=True``."""
+    return safe_load(fetch_weights(url, storage_options))
+
+
+def initial_state(init: Any) -> tuple[MaskRCNNConfig | None, dict[str, torch.Tensor]]:
+    """(the architecture of ``init`` if it is one of ours, its float32 state dict)."""
+    if isinstance(init, dict) and init.get("format") == FORMAT:
+        return MaskRCNNConfig.from_dict(init["config"]), float32_state_dict(init)
+    return None, read_torchvision_state_dict(init)
+
+
+def model_config(settings: TrainSettings, class_names: tuple[str, ...], init_config: MaskRCNNConfig | None,
+                 init_is_torchvision: bool = False) -> MaskRCNNConfig:
+    """The config of the model to train: the preset (or the architecture of ``--init``), the
+    data set's classes, the norm, and the user's model options on top."""
+    num_classes = len(class_names)
+    if init_config is not None:
+        base = init_config.replace(num_classes=num_classes, class_names=class_names)
+    elif init_is_torchvision:
+        base = MaskRCNNConfig.resnet50_fpn(num_classes, class_names)
+    else:
+        base = getattr(MaskRCNNConfig, settings.preset)(num_classes, class_names)
+    norm = settings.norm
+    if norm == "auto":
+        # Weights trained elsewhere bring statistics to freeze; a trunk from scratch has none.
+        norm = "frozen" if (init_config is not None or init_is_torchvision) else "batch"
+    options: dict[str, Any] = {"backbone_norm": norm}
+    if norm == "batch":
+        options["trainable_backbone_layers"] = 5
+    options.update(settings.model_options)
+    if "min_size" in options and isinstance(options["min_size"], int):
+        options["min_size"] = (options["min_size"],)
+    try:
+        return base.replace(**options)
+    except TypeError as error:
+        raise TrainingError(f"unknown model option: {error}") from None
+
+
+def load_initial_weights(model: MaskRCNN, state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """Loads ``state_dict`` into ``model``; the class-dependent heads are left as initialised when
+    their shapes differ (another number of classes). Returns the names of those re-made."""
+    own = model.state_dict()
+    mismatched = [k for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
+    remade = sorted({k.rsplit(".", 1)[0] for k in mismatched if k.startswith(CLASS_HEADS)})
+    misfits = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in mismatched if not k.startswith(CLASS_HEADS)]
+    is_remade = tuple(r + "." for r in remade)
+    wanted = {k: v for k, v in state_dict.items() if not k.startswith(is_remade) and k not in mismatched}
+    # num_batches_tracked: kept by a trained BatchNorm, unknown to a frozen one (and the reverse).
+    wanted = {k: v for k, v in wanted.items() if not k.endswith("num_batches_tracked") or k in own}
+    missing, unexpected = model.load_state_dict(wanted, strict=False)
+    missing = [k for k in missing if not k.startswith(is_remade) and not k.endswith("num_batches_tracked")]
+    if misfits or missing or unexpected:
+        raise TrainingError(
+            f"the initial weights do not fit this model: shapes {misfits[:3]}, missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]} (an init checkpoint must be of the same architecture)"
+        )
+    return remade
+
+
+def inference_config(config: MaskRCNNConfig) -> MaskRCNNConfig:
+    """The exported model's config: a trained BatchNorm becomes a frozen one (the same affine
+    map in eval mode), so the file is the standard model that inference and fine-tuning expect."""
+    if config.backbone_norm == "frozen":
+        return config
+    return config.replace(backbone_norm="frozen", trainable_backbone_layers=MaskRCNNConfig.trainable_backbone_layers)
+
+
+def export_model(checkpoint: Mapping[str, Any], url: str, dtype: str = "float32",
+                 storage_options: Mapping[str, Any] | None = None) -> MaskRCNN:
+    """Writes the model of a training checkpoint as a plain maskray checkpoint (no optimizer)."""
+    config = inference_config(MaskRCNNConfig.from_dict(checkpoint["config"]))
+    model = MaskRCNN(config)
+    state_dict = {k: v for k, v in float32_state_dict(checkpoint).items() if not k.endswith("num_batches_tracked")}
+    model.load_state_dict(state_dict)
+    buffer = io.BytesIO()
+    model.save(buffer, weights_dtype=dtype, trained={"epoch": checkpoint.get("epoch"), "step": checkpoint.get("step"),
+                                                      "metrics": checkpoint.get("metrics", [])[-1:]})
+    fs, path = open_url(url, storage_options)
+    with fs.open(path, "wb") as f:
+        f.write(buffer.getvalue())
+    return model.eval()
+
