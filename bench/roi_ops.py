@@ -23,7 +23,6 @@ import torchvision
 
 import maskray.model.ops as ours
 
-
 BOX_SIDES = {"proposals": (16.0, 512.0), "p2": (16.0, 112.0)}  # px, log-uniform
 
 

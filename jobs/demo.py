@@ -11,7 +11,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from maskray.jobs.arguments import positive_int
+from maskray.jobs.cli import reports_user_errors
+from maskray.pipeline.options import positive_int
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_WEIGHTS = ROOT / "model" / "weights" / "shapes_light.pt"
@@ -23,15 +24,19 @@ QUERIES = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dir", type=Path, default=Path("maskray-demo"), help="where the demo writes (default ./maskray-demo)")
+    parser.add_argument("--dir", type=Path, default=Path("maskray-demo"),
+                        help="where the demo writes (default ./maskray-demo)")
     parser.add_argument("--images", type=positive_int, default=24, help="sample images to make (default 24)")
-    parser.add_argument("--weights", default=None, help=f"weights to use (default: the demo model, {DEMO_WEIGHTS.relative_to(ROOT)})")
+    parser.add_argument("--weights", default=None,
+                        help=f"weights to use (default: the demo model, {DEMO_WEIGHTS.relative_to(ROOT)})")
 
 
+@reports_user_errors
 def run(args: argparse.Namespace) -> int:
     from maskray.jobs.cli import main as maskray
-    from maskray.pipeline.segment.manifest import MANIFEST_FILE
+    from maskray.pipeline.errors import JobError
     from maskray.pipeline.segment.job import run_segment
+    from maskray.pipeline.segment.manifest import MANIFEST_FILE
     from maskray.pipeline.segment.settings import SegmentJob
     from maskray.pipeline.train.shapes import write_shapes
 
@@ -44,8 +49,7 @@ def run(args: argparse.Namespace) -> int:
     if output.exists():
         # The demo starts over (a real job resumes instead), but deletes only a maskray output.
         if not (output / MANIFEST_FILE).exists():
-            print(f"maskray demo: error: {output} exists and is not a maskray output; choose another --dir", file=sys.stderr)
-            return 2
+            raise JobError(f"{output} exists and is not a maskray output; choose another --dir")
         shutil.rmtree(output)
 
     print(f"2. segment: local Ray cluster, weights {weights}, Parquet into {output}")

@@ -9,11 +9,14 @@ and prints its AP table; ``--results`` also writes the detections as a COCO resu
 import argparse
 import sys
 
-from maskray.jobs.arguments import add_storage_options_argument, positive_int
+from maskray.jobs.arguments import add_storage_options_argument
+from maskray.jobs.cli import reports_user_errors
+from maskray.pipeline.options import positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--weights", required=True, help="a maskray checkpoint (model.pt of maskray train) or a torchvision state dict, path or URL")
+    parser.add_argument("--weights", required=True, metavar="CKPT",
+                        help="a maskray checkpoint (model.pt of maskray train) or a torchvision state dict, any URL")
     parser.add_argument("--json", required=True, help="COCO instances JSON with the ground truth")
     parser.add_argument("--images", required=True, help="folder or prefix the JSON's file_name values are relative to")
     parser.add_argument("--results", help="also write the detections here, as a COCO results JSON")
@@ -24,36 +27,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
+@reports_user_errors
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from maskray.pipeline.storage import public_url
     from maskray.pipeline.train.coco import CocoDataset, read_coco_json
     from maskray.pipeline.train.evaluation import coco_evaluate, format_metrics, predict_coco_results, write_results
-    from maskray.pipeline.storage import public_url, redact, secret_values
-    from maskray.pipeline.errors import TrainingError
     from maskray.pipeline.weights import build_model, read_weights
 
     options = args.storage_options
-    secrets = secret_values(options)
-    try:
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        device = torch.device("cuda" if args.gpu else "cpu")
-        model = build_model(read_weights(args.weights, options), device=str(device))
-        dataset = CocoDataset(args.json, args.images, options)
-        if model.config.num_classes != dataset.num_classes:
-            raise ValueError(f"the model has {model.config.num_classes - 1} classes {list(model.class_names[1:])}, "
-                             f"the JSON {dataset.num_classes - 1} categories {list(dataset.class_names[1:])}")
-        if tuple(dataset.class_names[1:]) != tuple(model.class_names[1:]):
-            print(f"maskray evaluate: note: the model's classes {list(model.class_names[1:])} are matched to the "
-                  f"JSON's categories {list(dataset.class_names[1:])} by position")
-        results = predict_coco_results(model, dataset, batch_size=args.batch_size, device=device, progress=args.progress)
-        if args.results:
-            write_results(results, args.results, options)
-        metrics = coco_evaluate(read_coco_json(args.json, options), results)
-    except (ValueError, OSError, TrainingError) as error:
-        print(redact(f"maskray evaluate: error: {error}", secrets), file=sys.stderr)
-        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.gpu else "cpu")
+    model = build_model(read_weights(args.weights, options), device=str(device))
+    dataset = CocoDataset(args.json, args.images, options)
+    if model.config.num_classes != dataset.num_classes:
+        raise ValueError(f"the model has {model.config.num_classes - 1} classes {list(model.class_names[1:])}, "
+                         f"the JSON {dataset.num_classes - 1} categories {list(dataset.class_names[1:])}")
+    if tuple(dataset.class_names[1:]) != tuple(model.class_names[1:]):
+        print(f"maskray evaluate: note: the model's classes {list(model.class_names[1:])} are matched to the "
+              f"JSON's categories {list(dataset.class_names[1:])} by position")
+    results = predict_coco_results(model, dataset, batch_size=args.batch_size, device=device, progress=args.progress)
+    if args.results:
+        write_results(results, args.results, options)
+    metrics = coco_evaluate(read_coco_json(args.json, options), results)
     print(f"maskray evaluate: {len(dataset)} images, {len(results)} detections, weights {public_url(args.weights)}")
     print(format_metrics(metrics))
     if args.results:

@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from maskray.jobs.arguments import add_storage_options_argument
+from maskray.jobs.cli import reports_user_errors
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,19 +16,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_storage_options_argument(parser)
 
 
+@reports_user_errors
 def run(args: argparse.Namespace) -> int:
     import duckdb
 
+    from maskray.pipeline.errors import QueryError
     from maskray.pipeline.results.query import connect
-    from maskray.pipeline.storage import StorageError, redact, secret_values
 
+    con = connect(args.output, args.storage_options)
     try:
-        con = connect(args.output, args.storage_options)
         relation = con.sql(args.sql)
-    except (duckdb.Error, OSError, StorageError, ValueError) as error:  # OSError: FileNotFoundError, refused access
-        error = redact(str(error), secret_values(args.storage_options))
-        print(f"maskray query: error: {error}", file=sys.stderr)
-        return 2
+    except duckdb.Error as error:  # the SQL's mistake, or an output DuckDB cannot read
+        raise QueryError(str(error)) from None
     if relation is None:  # a statement without a result
         return 0
     if args.csv:

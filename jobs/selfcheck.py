@@ -6,12 +6,15 @@ exits non-zero on any mismatch.
 
 import argparse
 
+from maskray.jobs.cli import reports_user_errors
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random features and boxes")
     parser.add_argument("--boxes", type=int, default=64, help="number of boxes")
 
 
+@reports_user_errors
 def run(args: argparse.Namespace) -> int:
     import torch
     import torchvision

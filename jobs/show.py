@@ -5,12 +5,15 @@ ends exactly one of them."""
 import argparse
 import sys
 
-from maskray.jobs.arguments import add_storage_options_argument, positive_int
+from maskray.jobs.arguments import add_storage_options_argument
+from maskray.jobs.cli import reports_user_errors
+from maskray.pipeline.options import positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("output", metavar="OUTPUT", help="a segmentation output (any fsspec URL)")
-    parser.add_argument("image", metavar="IMAGE_URI", help="the image: its image_uri, or a unique path suffix or file name")
+    parser.add_argument("image", metavar="IMAGE_URI",
+                        help="the image: its image_uri, or a unique path suffix or file name")
     parser.add_argument("-o", "--out", default="overlay.png", help="where to write the PNG (default overlay.png)")
     parser.add_argument("--min-score", type=float, default=0.0, help="draw only instances scoring at least this")
     parser.add_argument("--scale", type=positive_int, default=None,
@@ -18,9 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_storage_options_argument(parser)
 
 
+@reports_user_errors
 def run(args: argparse.Namespace) -> int:
     from maskray.pipeline.results.show import auto_scale, find_image_uri, render_overlay
-    from maskray.pipeline.storage import StorageError, redact, secret_values
 
     try:
         scale = args.scale
@@ -28,10 +31,8 @@ def run(args: argparse.Namespace) -> int:
             row = find_image_uri(args.output, args.image, args.storage_options)
             scale = auto_scale(row["height"] or 512, row["width"] or 512)
         picture, count = render_overlay(args.output, args.image, args.storage_options, args.min_score, scale=scale)
-    except (LookupError, ValueError, OSError, StorageError) as error:  # OSError: FileNotFoundError, refused access
-        message = str(error.args[0]) if isinstance(error, LookupError) and error.args else str(error)
-        print(f"maskray show: error: {redact(message, secret_values(args.storage_options))}", file=sys.stderr)
-        return 2
+    except LookupError as error:  # no such IMAGE_URI in the output, or several: the user's to fix
+        raise ValueError(error.args[0] if error.args else "no such image") from None
     picture.save(args.out)
     print(f"{args.out}: {count} instances drawn on {args.image} ({picture.width}x{picture.height})")
     return 0

@@ -96,12 +96,17 @@ def float32_state_dict(state: dict[str, Any]) -> dict[str, Tensor]:
     return {k: v.float() if v.is_floating_point() else v for k, v in state["state_dict"].items()}
 
 
+def is_maskray_checkpoint(state: Any) -> bool:
+    """Whether a loaded weights file is one of ours (``save_checkpoint``'s), not e.g. a torchvision state dict."""
+    return isinstance(state, dict) and state.get("format") == FORMAT
+
+
 def load_checkpoint(path: str | Path | BinaryIO, map_location: str | torch.device = "cpu") -> MaskRCNN:
     """A model in eval mode from a maskray checkpoint."""
     from maskray.model.mask_rcnn import MaskRCNN
 
     state = safe_load(path, map_location)
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+    if not is_maskray_checkpoint(state):
         raise ValueError(
             f"{_describe(path)}: not a maskray checkpoint (for a torchvision state dict use MaskRCNN.from_torchvision)"
         )

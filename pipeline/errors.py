@@ -1,7 +1,8 @@
 """The errors that mean "the user asked for something that cannot be done", or storage refused it.
 
-Every command catches ``MaskrayError`` in one place (``maskray.jobs.cli``) and prints its message
-as one line, without a traceback; anything else is a bug and keeps its traceback.
+Every command catches ``MaskrayError`` (and ValueError, OSError) in one place
+(``maskray.jobs.cli.reports_user_errors``) and prints its message as one line, without a
+traceback, with exit status 2; anything else is a bug and keeps its traceback.
 """
 
 
@@ -19,3 +20,12 @@ class JobError(MaskrayError):
 
 class TrainingError(MaskrayError):
     """The training run cannot start or go on as asked; the message says why."""
+
+
+class StorageWriteError(StorageError):
+    """A write that kept failing for reasons that may pass (throttling, 5xx, dropped
+    connections): nothing was committed, and a retry or a rerun writes it again."""
+
+
+class QueryError(MaskrayError):
+    """The SQL of ``maskray query`` cannot run: its own mistake, or an output DuckDB cannot read."""

@@ -5,20 +5,31 @@ goes through ``open_url``, which returns the fsspec filesystem and the path insi
 options (endpoint, credentials, ...) are passed through to fsspec and never stored or printed:
 ``redact`` removes their secret values from any text that may reach a log, a manifest or an
 error row, and ``public_url`` strips credentials written into a URL itself.
+
+Every read, write and listing that a job makes (segmentation, training, evaluation) goes through
+the functions at the end of this module: ``read_object`` / ``read_bytes``, ``write_bytes_atomically``,
+``list_files`` / ``glob_files`` / ``path_type``. Each is tried again after a failure that may
+pass, by the one policy ``maskray.pipeline.retry.STORAGE_RETRY``, and one that does not pass
+raises a StorageError of one line that names the object (never a credential). A missing object
+is not a failure of storage: it is raised as it came (FileNotFoundError), for the caller to
+turn into an error row, a default or its own message.
 """
 
 import os
 import re
-from collections.abc import Iterable, Mapping
-from typing import Any
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
 from fsspec import AbstractFileSystem
 
 from maskray.pipeline import retry
-from maskray.pipeline.errors import StorageError
+from maskray.pipeline.errors import StorageError, StorageWriteError
 from maskray.pipeline.retry import attempts_made, error_chain, http_status, is_transient, retry_call
+
+T = TypeVar("T")
 
 # Option names whose values are secrets, at any depth of the storage options (s3fs's
 # key/secret/token, botocore's aws_secret_access_key, gcsfs's token, ...).
@@ -193,17 +204,134 @@ def check_reachable(url: str, fs: AbstractFileSystem, path: str, *, must_exist: 
         raise StorageError(describe_storage_error(url, error)) from None
 
 
-def read_object(url: str, storage_options: Mapping[str, Any] | None = None) -> bytes:
-    """The whole object at ``url`` (a path or fsspec URL), retried by ``retry.STORAGE_RETRY``.
+# Reading, writing, listing ----------------------------------------------------------------------
 
-    A missing object raises FileNotFoundError naming the URL; any other failure, StorageError with
-    a one-line reason (and how often it was tried)."""
-    fs, path = open_url(url, storage_options)
-    policy = retry.STORAGE_RETRY
+# What a call raises when the object is not there: the caller's to handle, never retried or wrapped.
+MISSING = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
+# The names of ``write_bytes_atomically``'s temporary files on a local disk: hidden, and never
+# a name a job reads (part files, markers and JSON files do not start with a dot).
+_TEMPORARY_PREFIX, _TEMPORARY_SUFFIX = ".", ".tmp"
+
+
+def location(fs: AbstractFileSystem, path: str) -> str:
+    """How messages name ``path``: as it is on a local disk, as a URL with its protocol elsewhere."""
+    return path if is_local(fs) else full_url(fs, path)
+
+
+def _retried(operation: Callable[[], T], url: str, action: str | None,
+             passes: tuple[type[BaseException], ...] = MISSING) -> T:
+    """``operation()`` under ``retry.STORAGE_RETRY``. ``passes``: raised as they came; any other
+    failure becomes StorageError "cannot ACTION URL: reason (tries)" (StorageWriteError for a
+    write that kept failing for reasons that may pass)."""
+    policy = retry.STORAGE_RETRY  # read at each call, so that tests can shorten the waits
     try:
-        return retry_call(lambda: fs.cat_file(path), policy)
+        return retry_call(operation, policy)
+    except passes:
+        raise
+    except Exception as error:  # noqa: BLE001 - botocore, aiohttp and fsspec raise many kinds
+        kind = StorageWriteError if action == "write" and is_transient(error) else StorageError
+        verb = f"cannot {action} " if action else ""
+        raise kind(f"{verb}{describe_storage_error(url, error)} ({attempts_made(error, policy)})") from None
+
+
+def read_object(url: str, storage_options: Mapping[str, Any] | None = None) -> bytes:
+    """The whole object at ``url`` (a path or fsspec URL), of any size (s3fs fetches a large one
+    in parallel ranges). A missing object raises FileNotFoundError naming the URL; any other
+    failure, StorageError "URL: reason (tries)", for the caller to say what the object was for."""
+    fs, path = open_url(url, storage_options)
+    try:
+        return _retried(lambda: fs.cat_file(path), url, None)
     except FileNotFoundError:
         raise FileNotFoundError(f"{public_url(url)}: no such file") from None
-    except Exception as error:  # noqa: BLE001 - botocore, aiohttp and fsspec raise many kinds
-        suffix = f" ({attempts_made(error, policy)})" if is_transient(error) else ""
-        raise StorageError(describe_storage_error(url, error) + suffix) from None
+
+
+def read_bytes(fs: AbstractFileSystem, path: str, url: str | None = None) -> bytes:
+    """The whole object at ``path`` on ``fs`` in as few requests as the filesystem allows: one
+    GET on S3 (s3fs otherwise asks for the size first, a HEAD per object, to split objects of
+    over 50 MB that images and JSON files rarely are; under throttling every request counts).
+    A missing object raises as it came (MISSING); any other failure, StorageError "cannot read
+    URL: reason (tries)". ``url`` names the object in messages (default: its location)."""
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    options = {"max_concurrency": 1} if "s3" in protocols else {}
+    return _retried(lambda: fs.cat_file(path, **options), url or location(fs, path), "read")
+
+
+def write_bytes_atomically(fs: AbstractFileSystem, path: str, data: bytes) -> None:
+    """``data`` at ``path``, never visible half-written, tried again while failing for reasons that
+    may pass. On a local disk: a temporary file, fsynced, renamed over ``path``, and the folder
+    fsynced (a crash leaves the old file or the new one); on an object store one PUT (or a
+    completed multipart upload), all or nothing, so that a retry after a failure, even one
+    where the object did land, writes the same object again. Raises StorageWriteError after the
+    last try of a failure that may pass, StorageError for one that cannot (refused access, a full disk)."""
+    local = is_local(fs)
+    operation = (lambda: _replace_local_file(fs, path, data)) if local else (lambda: fs.pipe_file(path, data))
+    _retried(operation, location(fs, path), "write", passes=())
+
+
+def _replace_local_file(fs: AbstractFileSystem, path: str, data: bytes) -> None:
+    parent, name = path.rsplit("/", 1)
+    fs.makedirs(parent, exist_ok=True)
+    temporary = join(parent, f"{_TEMPORARY_PREFIX}{name}.{uuid.uuid4().hex}{_TEMPORARY_SUFFIX}")
+    try:
+        with open(temporary, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the name is: a crash leaves no empty file
+        os.replace(temporary, path)  # atomic within a file system
+        _fsync_directory(parent)  # and the rename itself survives a crash
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def _fsync_directory(path: str) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def remove_temporary_files(fs: AbstractFileSystem, folder: str) -> None:
+    """Deletes the temporary files that ``write_bytes_atomically`` left in ``folder`` when its
+    writer was killed between writing and renaming (only local disks have them). Readers never
+    see them, but they are litter. Call it only when no writer is at work in ``folder``."""
+    if not is_local(fs) or not os.path.isdir(folder):
+        return
+    for name in os.listdir(folder):
+        if name.startswith(_TEMPORARY_PREFIX) and name.endswith(_TEMPORARY_SUFFIX):
+            try:
+                os.remove(join(folder, name))
+            except FileNotFoundError:  # its writer renamed it after all
+                pass
+
+
+def list_files(fs: AbstractFileSystem, path: str, recursive: bool = False) -> list[str]:
+    """The paths in the folder or prefix ``path`` (with ``recursive``, every file below it, listed
+    in pages: a million keys are a thousand list calls on S3), as they are now: listings that
+    the filesystem cached (s3fs does) are dropped first. A folder that does not exist is empty."""
+    def listing() -> list[str]:
+        fs.invalidate_cache(path)  # a resumed job must see the files of now, not of its last listing
+        return fs.find(path) if recursive else fs.ls(path, detail=False)
+
+    try:
+        return _retried(listing, location(fs, path), "list")
+    except FileNotFoundError:
+        return []
+
+
+def glob_files(fs: AbstractFileSystem, pattern: str) -> list[str]:
+    """The paths of the files (not folders) that the glob ``pattern`` matches."""
+    # With their types: no request per match.
+    matched = _retried(lambda: fs.glob(pattern, detail=True), location(fs, pattern), "list")
+    return [p for p, info in matched.items() if info.get("type") == "file"]
+
+
+def path_type(fs: AbstractFileSystem, path: str) -> str | None:
+    """``"file"``, ``"directory"`` (a folder or a prefix with objects below it) or None when
+    ``path`` is neither. Unlike fsspec's isfile and isdir, a failure of storage is retried and
+    raised, never taken for "not there"."""
+    try:
+        return _retried(lambda: fs.info(path), location(fs, path), "read").get("type")
+    except MISSING:
+        return None

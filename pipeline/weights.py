@@ -1,10 +1,11 @@
-"""Model weights for a job: read once by the driver, checked, hashed, and shipped to the actors.
+"""Model weights, read once by the driver: ``--weights`` of segment and evaluate, ``--init`` of train.
 
-``--weights`` takes a maskray checkpoint (``MaskRCNN.save``, what training exports) or a
-torchvision Mask R-CNN state dict file, on any fsspec URL. The driver reads the bytes and
-builds the model once before any work starts, so a wrong file fails the job at once; the
-actors get the same bytes through Ray's object store, so a weights file on the driver's disk
-serves actors on every node.
+Either flag takes a maskray checkpoint (``MaskRCNN.save``, what training exports) or a
+torchvision Mask R-CNN state dict file, on any fsspec URL. The driver reads the bytes, hashes
+them and loads them with ``weights_only=True`` (a file that would need pickled code is refused)
+before any work starts, so a wrong file fails the job at once; segmentation's actors get the
+same bytes through Ray's object store, so a weights file on the driver's disk serves actors on
+every node. Every error names the flag and the file: ``--weights s3://b/model.pt: ...``.
 """
 
 import hashlib
@@ -13,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from maskray.pipeline.storage import StorageError, describe_storage_error, open_url, public_url
+from maskray.pipeline.storage import StorageError, public_url, read_object
 
 
 @dataclass(frozen=True)
@@ -21,37 +22,69 @@ class Weights:
     name: str  # the URL, without credentials
     sha256: str
     data: bytes
+    flag: str = "--weights"  # the option that named the file, for the messages
+
+    @property
+    def label(self) -> str:
+        return f"{self.flag} {self.name}"
+
+    def open(self) -> io.BytesIO:
+        """The bytes as a file named by ``label``, so that model.checkpoint's messages name the flag and the file."""
+        buffer = io.BytesIO(self.data)
+        buffer.name = self.label
+        return buffer
 
 
-def read_weights(url: str, storage_options: Mapping[str, Any] | None = None) -> Weights:
-    fs, path = open_url(url, storage_options)
+def read_weights(url: str, storage_options: Mapping[str, Any] | None = None, flag: str = "--weights") -> Weights:
+    """The weights file at ``url``; FileNotFoundError or StorageError (retried first) naming ``flag`` and the URL."""
     try:
-        data = fs.cat_file(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"--weights {public_url(url)}: no such file") from None
-    except Exception as error:  # noqa: BLE001 - refused credentials, no endpoint, no bucket: botocore's many kinds
-        raise StorageError("--weights " + describe_storage_error(url, error)) from None
-    return Weights(public_url(url), hashlib.sha256(data).hexdigest(), data)
+        data = read_object(url, storage_options)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{flag} {error}") from None
+    except StorageError as error:
+        raise StorageError(f"{flag} {error}") from None
+    return Weights(public_url(url), hashlib.sha256(data).hexdigest(), data, flag)
+
+
+def load_state(weights: Weights) -> Any:
+    """What the file holds (a maskray checkpoint, a state dict, ...), loaded with ``weights_only=True``;
+    ValueError for a file that is not one torch loads that way, pickled code included, and for a
+    maskray checkpoint of a format newer than this maskray reads."""
+    from maskray.model.checkpoint import FORMAT_VERSION, is_maskray_checkpoint, safe_load
+
+    state = safe_load(weights.open())
+    if is_maskray_checkpoint(state) and state.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{weights.label}: checkpoint format {state['format_version']} is newer than this "
+                         "maskray reads")
+    return state
+
+
+def torchvision_state_dict(weights: Weights, state: Any) -> dict:
+    """``state`` (loaded from ``weights``) checked to be a torchvision Mask R-CNN state dict; ValueError if not."""
+    from maskray.model.checkpoint import read_torchvision_state_dict
+
+    if not isinstance(state, dict):
+        raise ValueError(f"{weights.label}: neither a maskray checkpoint nor a state dict (it holds a "
+                         f"{type(state).__name__})")
+    try:
+        return read_torchvision_state_dict(state)
+    except ValueError as error:
+        # It names what it was given, a dict: name the flag and the file instead.
+        raise ValueError(f"{weights.label}: {str(error).removeprefix('dict: ')}") from None
 
 
 def build_model(weights: Weights, overrides: Mapping[str, Any] | None = None, device: str = "cpu"):
     """The model in ``weights`` (eval mode, inference layout) with config fields ``overrides``
-    changed (e.g. ``box_score_thresh``), on ``device``. Raises ValueError naming the file for
-    anything that is neither a maskray checkpoint nor a torchvision state dict."""
+    changed (e.g. ``box_score_thresh``), on ``device``. Raises ValueError naming the flag and the
+    file for anything that is neither a maskray checkpoint nor a torchvision state dict."""
     from maskray.model import MaskRCNN
-    from maskray.model.checkpoint import FORMAT, safe_load
+    from maskray.model.checkpoint import is_maskray_checkpoint
 
-    try:
-        state = safe_load(io.BytesIO(weights.data))
-    except ValueError as error:
-        raise ValueError(f"--weights {weights.name}: {str(error).split(': ', 1)[-1]}") from None
-    try:
-        if isinstance(state, dict) and state.get("format") == FORMAT:
-            model = MaskRCNN.load(io.BytesIO(weights.data))
-        else:
-            model = MaskRCNN.from_torchvision(state)
-    except ValueError as error:
-        raise ValueError(f"--weights {weights.name}: {str(error).split(': ', 1)[-1]}") from None
+    state = load_state(weights)
+    if is_maskray_checkpoint(state):
+        model = MaskRCNN.load(weights.open())  # decoded again, by the one code that makes a checkpoint a model
+    else:
+        model = MaskRCNN.from_torchvision(torchvision_state_dict(weights, state))
     if overrides:
         config = model.config.replace(**overrides)
         if config != model.config:

@@ -13,10 +13,15 @@ import threading
 import pytest
 
 from maskray.pipeline.segment.job import run_segment
-
 from maskray.pipeline.segment.settings import SegmentJob
 from tests.test_segment import (  # noqa: F401 - local_input and weights_path are fixtures
-    assert_only_whole_parts, assert_same_rows, done_markers, local_input, wait_for, weights_path)
+    assert_only_whole_parts,
+    assert_same_rows,
+    done_markers,
+    local_input,
+    wait_for,
+    weights_path,
+)
 
 pytestmark = pytest.mark.slow
 TOTAL_SHARDS = 14  # local_input: 27 images (24 + 3 broken), 2 per shard

@@ -17,9 +17,9 @@ import torch
 
 from maskray.model import MaskRCNN, MaskRCNNConfig
 from maskray.pipeline.decode import ImageDecodeError, decode_image
-from maskray.pipeline.segment.manifest import Manifest
 from maskray.pipeline.results.query import connect
 from maskray.pipeline.segment.job import run_segment
+from maskray.pipeline.segment.manifest import Manifest
 from maskray.pipeline.segment.settings import SegmentJob
 from maskray.pipeline.storage import open_url
 from tests.corpus import SKIPPED, Case, build_corpus, decoys, is_local_name, jpeg
@@ -206,12 +206,13 @@ def _local_uri(folder, key: str) -> str:
 def test_key_with_double_colon_is_read_as_it_is(where, weights_path, tmp_path, request, monkeypatch):
     """``photo::1.jpg`` (a colon pair is legal in S3 keys and file names: times, IPv6
     addresses) must be read as itself, not as ``photo`` beside it."""
+    from maskray.pipeline import retry as retry_module
     from maskray.pipeline.segment import worker as worker_module
     from maskray.pipeline.segment.listing import list_images
     from maskray.pipeline.segment.plan import Shard
     from maskray.pipeline.weights import Weights
 
-    monkeypatch.setattr(worker_module, "READ_BACKOFF_SECONDS", 0.0)
+    monkeypatch.setattr(retry_module, "STORAGE_RETRY", retry_module.RetryPolicy(retry_module.STORAGE_RETRY.attempts, first_wait=0.0))
     files = {"photo::1.jpg": jpeg(40, 30), "photo": jpeg(99, 77)}  # "photo" has no image extension: not listed
     if where == "s3":
         s3 = request.getfixturevalue("s3")

@@ -17,25 +17,17 @@ import torch
 import torchvision
 from torch import nn
 from torchvision.models.detection import _utils as tv_utils
-from torchvision.models.detection.anchor_utils import (
-    AnchorGenerator as TVAnchorGenerator,
-)
-from torchvision.models.detection.backbone_utils import (
-    BackboneWithFPN as TVBackboneWithFPN,
-)
+from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN as TVBackboneWithFPN
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import RoIHeads as TVRoIHeads
 from torchvision.models.detection.roi_heads import fastrcnn_loss, maskrcnn_loss
-from torchvision.models.detection.rpn import (
-    RegionProposalNetwork as TVRegionProposalNetwork,
-)
+from torchvision.models.detection.rpn import RegionProposalNetwork as TVRegionProposalNetwork
 from torchvision.models.detection.rpn import RPNHead as TVRPNHead
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops.feature_pyramid_network import (
-    FeaturePyramidNetwork as TVFeaturePyramidNetwork,
-)
+from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork as TVFeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d as TVFrozenBatchNorm2d
 

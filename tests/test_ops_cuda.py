@@ -5,7 +5,6 @@ Skipped without a CUDA device or without a build of the CUDA kernels."""
 import pytest
 import torch
 import torchvision.ops
-
 from conftest import (
     FEATURE,
     FPN_IMAGE_SHAPES,

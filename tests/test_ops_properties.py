@@ -1,10 +1,9 @@
 """Property tests: on any small shape, box set and option, both ops equal torchvision's."""
 
 import torch
+from conftest import ROI_ALIGN, ROI_POOL, assert_matches_torchvision, make_input
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-
-from conftest import ROI_ALIGN, ROI_POOL, assert_matches_torchvision, make_input
 
 SETTINGS = settings(max_examples=60, deadline=None)
 

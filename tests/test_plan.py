@@ -9,8 +9,6 @@ import pytest
 
 from maskray.pipeline.segment.listing import list_images
 from maskray.pipeline.segment.manifest import Manifest, identity_mismatch
-from maskray.pipeline.segment.plan import Plan
-from maskray.pipeline.storage import open_url
 from maskray.pipeline.segment.output import (
     IMAGES_SCHEMA,
     commit_shard,
@@ -19,6 +17,8 @@ from maskray.pipeline.segment.output import (
     table_to_parquet_bytes,
     write_bytes_atomically,
 )
+from maskray.pipeline.segment.plan import Plan
+from maskray.pipeline.storage import open_url
 
 NAMES = ["b/2.JPG", "a/1.png", "a/0.jpeg", "c.webp", "notes.txt", "d/e/f.tif", "x.gif", "y.bmp", "data.csv"]
 

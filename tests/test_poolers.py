@@ -4,7 +4,6 @@ MultiScaleRoIAlign and against pooling each box at the level torchvision's Level
 import pytest
 import torch
 import torchvision.ops
-
 from conftest import FPN_IMAGE_SHAPES, fpn_boxes, fpn_features, pool_per_level, random_like_output
 
 from maskray.model.ops import MultiScaleRoIAlign, MultiScaleRoIPool

@@ -12,8 +12,8 @@ from pycocotools import mask as mask_utils
 
 from maskray.pipeline.results.query import connect, open_table, output_totals
 from maskray.pipeline.results.show import render_overlay
-from maskray.pipeline.storage import open_url
 from maskray.pipeline.segment.output import IMAGES_SCHEMA, INSTANCES_SCHEMA, commit_shard, table_to_parquet_bytes
+from maskray.pipeline.storage import open_url
 
 HEIGHT, WIDTH = 40, 60
 

@@ -4,8 +4,16 @@ over every sampling_ratio and both pixel models, and what is RoIAlign's own."""
 import pytest
 import torch
 import torchvision.ops
-
-from conftest import FEATURE, OUTPUT_SIZE, ROI_ALIGN, RoiOpContract, assert_agree, make_input, output_and_grad, random_rois
+from conftest import (
+    FEATURE,
+    OUTPUT_SIZE,
+    ROI_ALIGN,
+    RoiOpContract,
+    assert_agree,
+    make_input,
+    output_and_grad,
+    random_rois,
+)
 
 import maskray.model.ops
 

@@ -4,7 +4,6 @@ and what is RoIPool's own (argmax, ties, exact half precision)."""
 import pytest
 import torch
 import torchvision.ops
-
 from conftest import FEATURE, OUTPUT_SIZE, ROI_POOL, RoiOpContract, make_input, random_rois
 
 import maskray.model.ops

@@ -22,10 +22,10 @@ from pycocotools import mask as mask_utils
 
 from maskray.model import MaskRCNN, MaskRCNNConfig
 from maskray.pipeline.decode import decode_image
-from maskray.pipeline.segment.plan import Plan
-from maskray.pipeline.results.query import connect, open_table
 from maskray.pipeline.errors import JobError
+from maskray.pipeline.results.query import connect, open_table
 from maskray.pipeline.segment.job import run_segment
+from maskray.pipeline.segment.plan import Plan
 from maskray.pipeline.segment.settings import SegmentJob
 from maskray.pipeline.storage import StorageError, open_url
 from maskray.pipeline.weights import Weights, build_model
@@ -211,12 +211,13 @@ def test_empty_input_is_an_error(tmp_path, weights_path):
 def test_a_read_that_keeps_failing_fails_the_shard_uncommitted(weights_path, tmp_path, monkeypatch):
     """An image that is gone is an error row (final); storage that keeps failing is not the
     image's fault, so its shard raises and stays uncommitted, to be retried or rerun."""
+    from maskray.pipeline import retry as retry_module
     from maskray.pipeline.segment import worker as worker_module
     from maskray.pipeline.segment.listing import list_images
-    from maskray.pipeline.segment.plan import Shard
     from maskray.pipeline.segment.output import finished_shards
+    from maskray.pipeline.segment.plan import Shard
 
-    monkeypatch.setattr(worker_module, "READ_BACKOFF_SECONDS", 0.0)
+    monkeypatch.setattr(retry_module, "STORAGE_RETRY", retry_module.RetryPolicy(retry_module.STORAGE_RETRY.attempts, first_wait=0.0))
     folder = write_local(tmp_path / "in", {"a.png": sample_image(1)})
     good = list_images(str(folder / "a.png")).uris[0]
     gone = good.replace("a.png", "gone.png")

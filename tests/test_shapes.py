@@ -17,7 +17,14 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from maskray.pipeline.train.shapes import CATEGORIES, NOISE_SIGMA, SHAPES_PER_IMAGE, make_image, parse_size, write_shapes
+from maskray.pipeline.train.shapes import (
+    CATEGORIES,
+    NOISE_SIGMA,
+    SHAPES_PER_IMAGE,
+    make_image,
+    parse_size,
+    write_shapes,
+)
 
 
 def dilate(mask: np.ndarray, steps: int) -> np.ndarray:

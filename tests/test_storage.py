@@ -1,16 +1,32 @@
-"""maskray.pipeline.storage: URLs, fail-fast checks on a real (loopback) S3 server, and credentials kept
-out of every message."""
+"""maskray.pipeline.storage: URLs, fail-fast checks on a real (loopback) S3 server, credentials kept
+out of every message, and the storage I/O every job goes through: retried while a failure may
+pass, never when it cannot, atomic writes."""
+
+import errno
+import os
+import uuid
 
 import pytest
+from botocore.exceptions import ClientError
+from fsspec.implementations.memory import MemoryFileSystem
+from s3fs.errors import translate_boto_error
 
+from maskray.pipeline import retry as retry_module
+from maskray.pipeline.retry import RetryPolicy
 from maskray.pipeline.storage import (
     StorageError,
+    StorageWriteError,
     check_reachable,
     describe_storage_error,
+    list_files,
     open_url,
     public_url,
+    read_bytes,
+    read_object,
     redact,
+    remove_temporary_files,
     secret_values,
+    write_bytes_atomically,
 )
 
 
@@ -104,3 +120,144 @@ def test_wrong_endpoint_fails_with_a_reason(s3):
 )
 def test_describe_storage_error(error, reason):
     assert reason in describe_storage_error("s3://b/x-403-endpoint.jpg", error)
+
+
+# Reading, writing, listing: the retries ------------------------------------------------------------
+
+
+def _throttled() -> OSError:
+    """A 503 SlowDown as s3fs hands it on (botocore's ClientError turned into an OSError)."""
+    answer = {"Error": {"Code": "SlowDown", "Message": "Please reduce your request rate."},
+              "ResponseMetadata": {"HTTPStatusCode": 503}}
+    return translate_boto_error(ClientError(answer, "GetObject"))
+
+
+def without_waits(monkeypatch) -> int:
+    """maskray's storage retries in this process (not in Ray's actors and workers, processes of
+    their own) as many as ever, without their waits; returns the tries."""
+    attempts = retry_module.STORAGE_RETRY.attempts
+    monkeypatch.setattr(retry_module, "STORAGE_RETRY", RetryPolicy(attempts, first_wait=0.0))
+    return attempts
+
+
+@pytest.fixture
+def no_waits(monkeypatch) -> int:
+    return without_waits(monkeypatch)
+
+
+@pytest.fixture
+def memory() -> tuple[MemoryFileSystem, str]:
+    """An object store in memory (not a local disk: writes are one put) and a fresh folder on it."""
+    return MemoryFileSystem(skip_instance_cache=True), f"/storage-{uuid.uuid4().hex[:8]}"
+
+
+def failing_first(monkeypatch, fs, method: str, failures: list[BaseException]) -> list[int]:
+    """``fs.method`` raising ``failures`` one by one on its first calls, then doing its work;
+    returns the list its calls are counted in."""
+    original, calls = getattr(fs, method), []
+
+    def call(*args, **kwargs):
+        calls.append(1)
+        if len(calls) <= len(failures):
+            raise failures[len(calls) - 1]
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fs, method, call)
+    return calls
+
+
+# (what the call is, the filesystem method it makes, the call, what it returns once it passes)
+IO_CALLS = {
+    "read": ("cat_file", lambda fs, folder: read_bytes(fs, f"{folder}/a.bin"), b"abc"),
+    "write": ("pipe_file", lambda fs, folder: write_bytes_atomically(fs, f"{folder}/b.bin", b"new"), None),
+    "list": ("ls", lambda fs, folder: sorted(p.rsplit("/", 1)[1] for p in list_files(fs, folder)), ["a.bin"]),
+}
+
+
+@pytest.mark.parametrize("action", IO_CALLS)
+def test_a_failure_that_may_pass_is_retried(action, memory, no_waits, monkeypatch):
+    fs, folder = memory
+    fs.pipe_file(f"{folder}/a.bin", b"abc")
+    method, call, passed = IO_CALLS[action]
+    calls = failing_first(monkeypatch, fs, method, [_throttled(), ConnectionResetError(errno.ECONNRESET, "reset")])
+    assert call(fs, folder) == passed
+    assert len(calls) == 3  # two failures, then the call that passed
+    if action == "write":
+        assert fs.cat_file(f"{folder}/b.bin") == b"new"
+
+
+@pytest.mark.parametrize("action", IO_CALLS)
+def test_a_failure_that_cannot_pass_is_not_retried(action, memory, no_waits, monkeypatch):
+    fs, folder = memory
+    fs.pipe_file(f"{folder}/a.bin", b"abc")
+    method, call, _ = IO_CALLS[action]
+    calls = failing_first(monkeypatch, fs, method, [PermissionError(errno.EACCES, "Access Denied")] * no_waits)
+    with pytest.raises(StorageError, match=rf"^cannot {action} memory:/*{folder.lstrip('/')}\S*: access was refused: .*"
+                                           r"\(not retried: it would fail again\)$") as raised:
+        call(fs, folder)
+    assert len(calls) == 1
+    assert not isinstance(raised.value, StorageWriteError)  # a rerun would fail the same way
+
+
+@pytest.mark.parametrize("action", IO_CALLS)
+def test_a_failure_that_keeps_passing_gives_up_after_every_try(action, memory, no_waits, monkeypatch):
+    fs, folder = memory
+    fs.pipe_file(f"{folder}/a.bin", b"abc")
+    method, call, _ = IO_CALLS[action]
+    calls = failing_first(monkeypatch, fs, method, [_throttled()] * (no_waits + 1))
+    expected = StorageWriteError if action == "write" else StorageError
+    message = rf"^cannot {action} memory:/*{folder.lstrip('/')}\S*: the storage kept answering HTTP 503 SlowDown.*"
+    with pytest.raises(expected, match=message + rf"\({no_waits} attempts\)$"):
+        call(fs, folder)
+    assert len(calls) == no_waits
+    if action == "write":
+        assert not fs.exists(f"{folder}/b.bin")
+
+
+def test_a_missing_object_is_the_callers_to_handle(memory, no_waits, monkeypatch, tmp_path):
+    fs, folder = memory
+    calls = failing_first(monkeypatch, fs, "cat_file", [])
+    with pytest.raises(FileNotFoundError):
+        read_bytes(fs, f"{folder}/absent.bin")
+    assert len(calls) == 1  # never retried
+    assert list_files(fs, f"{folder}/absent") == [] and list_files(fs, f"{folder}/absent", recursive=True) == []
+    with pytest.raises(FileNotFoundError, match=f"^{tmp_path}/absent.json: no such file$"):
+        read_object(str(tmp_path / "absent.json"))
+    (tmp_path / "x.json").write_bytes(b"{}")
+    assert read_object(str(tmp_path / "x.json")) == b"{}"
+
+
+def test_a_local_write_is_atomic_and_retried(tmp_path, no_waits, monkeypatch):
+    """On a local disk: a temporary file renamed into place, tried again when the disk fails in a
+    way that may pass (EIO: a network file system), not when it cannot (a full disk); the old
+    file stays whole, and no temporary file is left either way."""
+    fs, root = open_url(str(tmp_path))
+    target = f"{root}/deep/dir/file.bin"
+    write_bytes_atomically(fs, target, b"old")
+    renames = []
+
+    def rename(source, destination, failures):
+        renames.append(1)
+        if len(renames) <= len(failures):
+            raise failures[len(renames) - 1]
+        return os.rename(source, destination)
+
+    monkeypatch.setattr(os, "replace", lambda a, b: rename(a, b, [OSError(errno.EIO, "Input/output error")]))
+    write_bytes_atomically(fs, target, b"new")
+    assert len(renames) == 2 and (tmp_path / "deep/dir/file.bin").read_bytes() == b"new"
+    renames.clear()
+    disk_full = OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "replace", lambda a, b: rename(a, b, [disk_full] * 9))
+    with pytest.raises(StorageError, match=f"^cannot write {target}: the storage failed .*No space left.*not retried"):
+        write_bytes_atomically(fs, target, b"newer")
+    assert len(renames) == 1 and (tmp_path / "deep/dir/file.bin").read_bytes() == b"new"
+    assert [p.name for p in (tmp_path / "deep/dir").iterdir()] == ["file.bin"]
+
+
+def test_temporary_files_of_killed_writers_are_removed(tmp_path):
+    (tmp_path / ".part-000001.parquet.0123abcd.tmp").write_bytes(b"half")
+    (tmp_path / "part-000001.parquet").write_bytes(b"whole")
+    (tmp_path / ".hidden").write_bytes(b"not ours")
+    remove_temporary_files(*open_url(str(tmp_path)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden", "part-000001.parquet"]
+    remove_temporary_files(*open_url(str(tmp_path / "absent")))  # nothing to do

@@ -18,23 +18,29 @@ import hashlib
 
 import pytest
 import torch
-from botocore.exceptions import ClientError, ConnectionClosedError, EndpointConnectionError, NoCredentialsError, ReadTimeoutError
+from botocore.exceptions import (
+    ClientError,
+    ConnectionClosedError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    ReadTimeoutError,
+)
 from s3fs.errors import translate_boto_error
 
+from maskray.pipeline import retry as retry_module
 from maskray.pipeline.decode import decode_image
-from maskray.pipeline.segment.plan import Plan
 from maskray.pipeline.results.query import connect
 from maskray.pipeline.retry import RetryPolicy, is_transient, retry_call
 from maskray.pipeline.segment.job import run_segment
+from maskray.pipeline.segment.plan import Plan
 from maskray.pipeline.segment.scheduler import MAX_SHARD_ATTEMPTS
 from maskray.pipeline.segment.settings import SegmentJob
-from maskray.pipeline.storage import open_url
+from maskray.pipeline.storage import StorageWriteError, open_url, write_bytes_atomically
 from maskray.pipeline.weights import Weights
-from maskray.pipeline.segment.worker import READ_ATTEMPTS
-from maskray.pipeline.segment.output import WRITE_ATTEMPTS, StorageWriteError, write_bytes_atomically
 from tests.faults import FaultProxy, FaultRule
 from tests.services import s3_storage_options
 from tests.test_segment import BROKEN, sample_files, sample_image, weights_path  # noqa: F401 - weights_path is a fixture
+from tests.test_storage import without_waits
 
 IMAGES = 21  # + the 3 broken files: 24 inputs, 12 shards of 2 (many writes: 36 PUTs)
 SHARD_SIZE = 2
@@ -205,9 +211,7 @@ def test_a_write_is_retried_past_the_clients_retries(s3, monkeypatch):
     retries only throttling and dropped connections itself): a PUT answered 500, then dropped,
     lands on the third try; one answered 500 every time raises StorageWriteError naming the
     object, the reason and the tries, and leaves no object."""
-    from maskray.pipeline.segment import output as writer
-
-    monkeypatch.setattr(writer, "WRITE_BACKOFF_SECONDS", 0.0)
+    without_waits(monkeypatch)
     with FaultProxy(s3.endpoint) as proxy:
         options = through(proxy, config_kwargs={"retries": {"total_max_attempts": 1}})
         fs, root = open_url(s3.url("out"), options)
@@ -237,7 +241,7 @@ def test_a_read_is_retried_and_a_passing_fault_never_becomes_the_images_error(s3
     that image's error row."""
     from maskray.pipeline.segment import worker as worker_module
 
-    monkeypatch.setattr(worker_module, "READ_BACKOFF_SECONDS", 0.0)
+    without_waits(monkeypatch)
     data = sample_image(1)
     s3.filesystem().pipe(f"{s3.name}/in/a.png", data)
     raw = weights_path.read_bytes()
@@ -306,15 +310,16 @@ def test_keys_that_keep_failing_fail_their_shards_and_a_rerun_finishes_them(ray_
         why_read, why_write = summary.failed_shards[bad_read_shard], summary.failed_shards[bad_part_shard]
         assert why_read.startswith(f"cannot read s3://{bucket}/in/{bad_image}: the storage kept answering HTTP 500 InternalError")
         assert why_write.startswith(f"cannot write {bad_part}: the storage kept answering HTTP 500 InternalError"), why_write
-        assert why_read.endswith(f"({READ_ATTEMPTS} attempts)") and why_write.endswith(f"({WRITE_ATTEMPTS} attempts)")
+        attempts = retry_module.STORAGE_RETRY.attempts  # the actors' policy: they run in processes of their own
+        assert why_read.endswith(f"({attempts} attempts)") and why_write.endswith(f"({attempts} attempts)")
         report = summary.describe()
         assert f"shard {bad_read_shard} FAILED: cannot read s3://{bucket}/in/{bad_image}" in report
         assert f"shard {bad_part_shard} FAILED: cannot write {bad_part}" in report
         assert direct["secret"] not in report and direct["key"] not in report
-        # Each of the job's tries of a shard made READ_ATTEMPTS reads (or WRITE_ATTEMPTS writes),
-        # each two requests (the client's one retry).
-        assert proxy.counts(target=bad_image) == {"500": MAX_SHARD_ATTEMPTS * READ_ATTEMPTS * 2}
-        assert proxy.counts("PUT") == {"500": MAX_SHARD_ATTEMPTS * WRITE_ATTEMPTS * 2}
+        # Each of the job's tries of a shard made STORAGE_RETRY.attempts reads (or writes), each two
+        # requests (the client's one retry).
+        assert proxy.counts(target=bad_image) == {"500": MAX_SHARD_ATTEMPTS * attempts * 2}
+        assert proxy.counts("PUT") == {"500": MAX_SHARD_ATTEMPTS * attempts * 2}
         # The other shards are committed; the failed ones left nothing, not even a part file.
         fs.invalidate_cache()
         done = {p.rsplit("/", 1)[1] for p in fs.ls(f"{root}/_done")}

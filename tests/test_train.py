@@ -27,15 +27,15 @@ import pytest
 import torch
 
 from maskray.model import MaskRCNN, MaskRCNNConfig
-from maskray.pipeline.train.coco import CocoDataset
-from maskray.pipeline.train.evaluation import coco_evaluate, predict_coco_results
-from maskray.pipeline.train.shapes import write_shapes
+from maskray.model.checkpoint import safe_load
 from maskray.pipeline.errors import TrainingError
+from maskray.pipeline.train.coco import CocoDataset
 from maskray.pipeline.train.driver import recorded_checkpoint, train
+from maskray.pipeline.train.evaluation import coco_evaluate, predict_coco_results
 from maskray.pipeline.train.initial_weights import export_model, load_initial_weights, model_config
 from maskray.pipeline.train.schedule import lr_factor, steps_at_epochs
 from maskray.pipeline.train.settings import CHECKPOINT_FILE, RUN_NAME, SNAPSHOT_FILE, TrainSettings
-from maskray.model.checkpoint import safe_load
+from maskray.pipeline.train.shapes import write_shapes
 
 REPO = Path(__file__).resolve().parents[1]
 # A small, quick model: the light preset, narrower, on 96-pixel images.
@@ -305,9 +305,10 @@ def test_our_checkpoint_starts_a_model_of_other_classes(tmp_path):
     torch.manual_seed(0)
     source = MaskRCNN(MaskRCNNConfig.light(4, **{k: tuple(v) if isinstance(v, list) else v for k, v in TINY.items()}))
     source.save(tmp_path / "source.pt", weights_dtype="float16")
-    from maskray.pipeline.train.initial_weights import initial_state, read_weights_file
+    from maskray.pipeline.train.initial_weights import initial_state
+    from maskray.pipeline.weights import read_weights
 
-    init_config, state_dict = initial_state(read_weights_file(str(tmp_path / "source.pt")))
+    init_config, state_dict = initial_state(read_weights(str(tmp_path / "source.pt"), flag="--init"))
     settings = TrainSettings(train_json="x", train_images="y", output="z", model_options={"max_size": 128})
     config = model_config(settings, ("__background__", "a", "b", "c", "d", "e"), init_config)
     assert config.fpn_channels == 64 and config.max_size == 128 and config.num_classes == 6

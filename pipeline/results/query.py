@@ -12,21 +12,16 @@ from typing import Any
 
 import pyarrow.dataset as ds
 
-from maskray.pipeline.retry import RetryPolicy, retry_call
 from maskray.pipeline.segment.output import IMAGES, INSTANCES, SCHEMAS, finished_shards, shard_of_part
 from maskray.pipeline.segment.plan import Plan
-from maskray.pipeline.storage import full_url, is_local, join, open_url, public_url
+from maskray.pipeline.storage import full_url, is_local, join, list_files, open_url, path_type, public_url
 
 TABLES = (INSTANCES, IMAGES)
 
 
 def _all_part_files(fs, output: str, table: str) -> list[str]:
-    fs.invalidate_cache(join(output, table))  # a long-lived filesystem must see the parts of now
-    try:
-        names = retry_call(lambda: fs.ls(join(output, table), detail=False), RetryPolicy())
-        return sorted(p for p in names if p.endswith(".parquet"))
-    except FileNotFoundError:
-        return []
+    # Listed as of now (list_files drops cached listings): a long-lived filesystem must see the parts of now.
+    return sorted(p for p in list_files(fs, join(output, table)) if p.endswith(".parquet"))
 
 
 def _committed_part_files(fs, output: str, table: str, done: set[int] | None = None) -> tuple[list[str], bool]:
@@ -61,7 +56,7 @@ def connect(output_url: str, storage_options: Mapping[str, Any] | None = None, d
     import duckdb
 
     fs, output = open_url(output_url, storage_options)
-    if not fs.exists(output):
+    if path_type(fs, output) is None:  # retried, where fs.exists would take a 503 for "not there"
         raise FileNotFoundError(f"{public_url(output_url)}: no such output")
     con = duckdb.connect(database)
     if not is_local(fs):

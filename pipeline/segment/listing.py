@@ -23,8 +23,7 @@ import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
 from maskray.pipeline.decode import EXTENSIONS
-from maskray.pipeline.retry import RetryPolicy, retry_call
-from maskray.pipeline.storage import full_url, is_glob, join, open_url, public_url
+from maskray.pipeline.storage import full_url, glob_files, is_glob, join, list_files, open_url, path_type, public_url
 
 LIST_FILE_EXTENSIONS = (".txt", ".lst")
 PARQUET_COLUMNS = ("image_uri", "uri", "path")
@@ -61,23 +60,22 @@ def list_images(url: str, storage_options: Mapping[str, Any] | None = None) -> L
     """The images of the job input ``url`` (see the module's docstring), sorted and unique."""
     fs, path = open_url(url, storage_options)
     if is_glob(path):
-        matched = retry_call(lambda: fs.glob(path, detail=True), RetryPolicy())  # with types: no request per match
-        return Listing(sorted_unique(full_url(fs, p) for p, info in matched.items() if info.get("type") == "file"))
-    if fs.isfile(path):
+        return Listing(sorted_unique(full_url(fs, p) for p in glob_files(fs, path)))
+    kind = path_type(fs, path)
+    if kind == "file":
         lowered = path.lower()
         if lowered.endswith(LIST_FILE_EXTENSIONS):
             return Listing(sorted_unique(_read_text_listing(fs, path)))
         if lowered.endswith(".parquet"):
             return Listing(sorted_unique(_read_parquet_listing(fs, path)))
         return Listing(sorted_unique([full_url(fs, path)]))
-    if not fs.isdir(path):
+    if kind != "directory":
         raise FileNotFoundError(f"{public_url(url)}: no such file, directory or prefix")
     skipped = 0
 
     def images() -> Iterator[str]:
         nonlocal skipped
-        # find() lists recursively in pages (a million keys are a thousand list calls on S3).
-        for p in retry_call(lambda: fs.find(path), RetryPolicy()):
+        for p in list_files(fs, path, recursive=True):
             if is_image_name(p):
                 yield full_url(fs, p)
             else:

@@ -15,9 +15,7 @@ from typing import Any
 
 from fsspec import AbstractFileSystem
 
-from maskray.pipeline.retry import RetryPolicy, retry_call
-from maskray.pipeline.segment.output import write_bytes_atomically
-from maskray.pipeline.storage import join
+from maskray.pipeline.storage import join, read_bytes, write_bytes_atomically
 
 MANIFEST_FILE = "_manifest.json"
 FORMAT = "maskray.segment"
@@ -54,7 +52,7 @@ class Manifest:
     def read(cls, fs: AbstractFileSystem, output: str) -> "Manifest | None":
         path = join(output, MANIFEST_FILE)
         try:  # one GET, retried through throttling and dropped connections; a missing file is final
-            data = json.loads(retry_call(lambda: fs.cat_file(path), RetryPolicy()))
+            data = json.loads(read_bytes(fs, path))
         except FileNotFoundError:
             return None
         if data.get("format") != FORMAT:

@@ -1,12 +1,12 @@
-"""The segmentation driver's scheduling: shards handed to actors, retried, charged, and counted."""
+"""The segmentation driver's scheduling on Ray: shards handed to actors, their outcomes read back,
+lost actors killed and replaced. What each outcome means (a shard counted, charged an attempt,
+requeued or failed; an actor replaced or not) is decided by ``shardbook.ShardBook``."""
 
 import json
 import logging
 import sys
 import time
 import uuid
-from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +16,17 @@ from maskray.pipeline.segment.actors import actor_layout, first_line, make_actor
 from maskray.pipeline.segment.manifest import Manifest
 from maskray.pipeline.segment.plan import Plan, Shard
 from maskray.pipeline.segment.settings import SegmentJob
+from maskray.pipeline.segment.shardbook import (
+    MAX_SHARD_ATTEMPTS,
+    FailedOnItsOwn,
+    Finished,
+    Lost,
+    Outcome,
+    RunStats,
+    ShardBook,
+)
+
+__all__ = ["MAX_SHARD_ATTEMPTS", "SHARDS_IN_FLIGHT_PER_ACTOR", "RunStats", "ShardDispatcher", "execute"]
 
 log = logging.getLogger("maskray.segment")
 
@@ -23,18 +34,17 @@ log = logging.getLogger("maskray.segment")
 # The actor runs them one at a time: a threaded actor (max_concurrency=2) measured 15% slower,
 # its inference hopping between executor threads (bench/pipeline.py, BENCHMARKS.md).
 SHARDS_IN_FLIGHT_PER_ACTOR = 2
-MAX_SHARD_ATTEMPTS = 3
+# How long the driver waits for the outcome of something in flight before it looks at the
+# progress and the start timeout again.
+POLL_SECONDS = 0.5
+# How long a dead actor's shards are given to settle, so that one it finished just before it died
+# is counted as finished rather than lost.
+SETTLE_SECONDS = 10
 
 
-@dataclass
-class RunStats:
-    shards: int = 0  # committed by this run
-    images: int = 0
-    failed: dict[int, str] = field(default_factory=dict)
-    retries: int = 0
-    actors_lost: int = 0
-    nodes: set[str] = field(default_factory=set)
-    processing_seconds: float = 0.0
+def execute(job: SegmentJob, weights, manifest: Manifest, plan: Plan, todo: list[int], already_done: int) -> RunStats:
+    connect_ray(job.address)
+    return ShardDispatcher(job, weights, manifest, plan, todo, already_done).run()
 
 
 @dataclass
@@ -44,177 +54,181 @@ class _Slot:
     actor: Any
     ready_ref: Any
     ready: bool = False
-    shards: dict = field(default_factory=dict)  # ObjectRef -> Shard
+    shards: dict = field(default_factory=dict)  # ObjectRef -> Shard, in submission order
 
 
-def execute(job: SegmentJob, weights, manifest: Manifest, plan: Plan, todo: list[int], already_done: int) -> RunStats:
+class ShardDispatcher:
+    """Runs a job's shards on Ray actors: hands shards to ready actors, waits for what comes back,
+    and carries out what its ``ShardBook`` decides about it."""
+
+    def __init__(self, job: SegmentJob, weights, manifest: Manifest, plan: Plan, todo: list[int], already_done: int):
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        self.job, self.plan, self.already_done = job, plan, already_done
+        num_actors, self.resources = actor_layout(job)
+        # The board lives on the driver's node: it is lost only with the driver, never with a worker
+        # node (the driver asks it for totals, and a dead board would end the job).
+        self.board = make_board_class().options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=False)).remote()
+        self.actor_class = make_actor_class()
+        self.actor_options = dict(self.resources, max_concurrency=1, max_restarts=0)
+        threads = int(self.resources.get("num_cpus", 1)) if "num_gpus" not in self.resources else None
+        metadata = {"job_id": manifest.job_id, "weights": json.dumps(manifest.weights),
+                    "versions": json.dumps(manifest.versions), "config": json.dumps(manifest.config)}
+        self.actor_arguments = (ray.put(weights), job.output, job.storage_options, job.overrides(), metadata,
+                                job.worker_options(), threads, self.board)
+        # Named, so that operators (and tests) can find a job's actors; unique per run, since a killed
+        # run's actors may still be shutting down when the rerun starts.
+        self.job_name = f"maskray-segment-{manifest.job_id[:8]}-{uuid.uuid4().hex[:6]}"
+        self.slots: list[_Slot] = []
+        self.actors_made = 0
+        for _ in range(min(num_actors, len(todo))):
+            self._start_actor()
+        self.book = ShardBook(todo, initial_actors=len(self.slots))
+        self.waiting_since = time.monotonic()  # for an actor to become ready
+        self.bar = _progress_bar(job.progress, plan, todo, already_done)
+
+    def run(self) -> RunStats:
+        import ray
+
+        try:
+            while self._step():
+                pass
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+            for slot in self.slots:
+                ray.kill(slot.actor, no_restart=True)
+            ray.kill(self.board, no_restart=True)
+        return self.book.result(time.monotonic())
+
+    def _step(self) -> bool:
+        """Shards handed out, then one outcome waited for and acted on; False once no shard is left."""
+        import ray
+
+        self._hand_out()
+        in_flight = {ref: slot for slot in self.slots for ref in slot.shards}
+        starting = {slot.ready_ref: slot for slot in self.slots if not slot.ready}
+        # Done when nothing runs and nothing waits, even if no actor is left (the last shard may
+        # have failed for good with the last actor).
+        if not in_flight and not self.book.has_shards:
+            return False
+        if not self.slots:
+            raise JobError(f"no actor is left to run the remaining shards ({self.actors_made} were started; "
+                           "see the errors above)")
+        ready, _ = ray.wait([*in_flight, *starting], num_returns=1, timeout=POLL_SECONDS)
+        for ref in ready:
+            if ref in starting:
+                self._actor_started(starting[ref])
+            else:
+                self._shard_returned(in_flight[ref], ref)
+        self._show_progress()
+        waited = time.monotonic() - self.waiting_since
+        if not any(slot.ready for slot in self.slots) and waited > self.job.actor_start_timeout:
+            raise JobError(
+                f"no segmentation actor started within {self.job.actor_start_timeout:.0f} s: the cluster lacks the "
+                f"resources each needs ({self.resources})"
+            )
+        return True
+
+    def _hand_out(self) -> None:
+        """Shards to the ready actors, up to SHARDS_IN_FLIGHT_PER_ACTOR each, while any are left."""
+        for slot in self.slots:
+            while slot.ready and len(slot.shards) < SHARDS_IN_FLIGHT_PER_ACTOR:
+                index = self.book.next_shard()
+                if index is None:
+                    return
+                shard = self.plan.shard(index)
+                slot.shards[slot.actor.process.remote(shard)] = shard
+
+    def _actor_started(self, slot: _Slot) -> None:
+        import ray
+
+        try:
+            log.info("actor ready: %s", ray.get(slot.ready_ref))
+        except ray.exceptions.RayActorError as error:
+            self.slots.remove(slot)
+            if self.book.actor_could_not_start(first_line(error)):
+                self._replace_lost_actor()
+            if not self.slots:
+                raise JobError(f"the segmentation actors could not start: {first_line(error)}") from None
+            return
+        slot.ready = True
+        self.book.actor_ready(time.monotonic())
+        self.waiting_since = time.monotonic()
+
+    def _shard_returned(self, slot: _Slot, ref) -> None:
+        import ray
+
+        in_order = list(slot.shards.items())  # submission order, which is the order they run in
+        shard: Shard = slot.shards.pop(ref)
+        try:
+            summary = ray.get(ref)
+        except ray.exceptions.RayActorError as error:  # the actor (or its node) died
+            self._actor_died(slot, in_order, first_line(error))
+            return
+        except ray.exceptions.RayTaskError as error:  # e.g. the output could not be written
+            self.book.shard_failed(shard.index, _task_failure(error))
+            self.board.restart.remote(shard.index)
+            return
+        self.book.shard_finished(shard.index, summary)
+        self.board.finish.remote(shard.index)
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"shards {self.already_done + self.book.stats.shards}/{self.plan.num_shards}",
+                                     refresh=False)
+
+    def _actor_died(self, slot: _Slot, in_order: list[tuple[Any, Shard]], reason: str) -> None:
+        import ray
+
+        slot.shards.clear()
+        ray.wait([ref for ref, _ in in_order], num_returns=len(in_order), timeout=SETTLE_SECONDS)
+        death = self.book.actor_died([(shard.index, _outcome(ref)) for ref, shard in in_order], reason)
+        for index in death.finished:
+            self.board.finish.remote(index)
+        for index in death.restarted:
+            self.board.restart.remote(index)
+        self.slots.remove(slot)
+        ray.kill(slot.actor, no_restart=True)
+        if death.replace:
+            self._replace_lost_actor()
+
+    def _replace_lost_actor(self) -> None:
+        """A fresh actor in a lost one's place. It starts when a node has room; until then the other
+        actors go on, and one that never starts (its node is gone for good) holds nothing up."""
+        self._start_actor()
+
+    def _start_actor(self) -> None:
+        actor = self.actor_class.options(**self.actor_options, name=f"{self.job_name}-{self.actors_made}").remote(
+            *self.actor_arguments)
+        self.slots.append(_Slot(actor, actor.ready.remote()))
+        self.actors_made += 1
+
+    def _show_progress(self) -> None:
+        import ray
+
+        if self.bar is None:
+            return
+        # update() rather than setting n: it keeps tqdm's rate limit (one line per 10 s in logs).
+        done_now = self.book.stats.images + ray.get(self.board.total.remote())
+        if done_now > self.bar.n:
+            self.bar.update(done_now - self.bar.n)
+
+
+def _outcome(ref) -> Outcome:
+    """What became of a shard of an actor that died (its ref already settled, or never to be)."""
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    connect_ray(job.address)
-    num_actors, resources = actor_layout(job)
-    threads = int(resources.get("num_cpus", 1)) if "num_gpus" not in resources else None
-    # The board lives on the driver's node: it is lost only with the driver, never with a worker
-    # node (the driver asks it for totals, and a dead board would end the job).
-    board = make_board_class().options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-        ray.get_runtime_context().get_node_id(), soft=False)).remote()
-    actor_class = make_actor_class()
-    actor_options = dict(resources, max_concurrency=1, max_restarts=0)
-    weights_ref = ray.put(weights)
-    metadata = {"job_id": manifest.job_id, "weights": json.dumps(manifest.weights), "versions": json.dumps(manifest.versions),
-                "config": json.dumps(manifest.config)}
-    # Named, so that operators (and tests) can find a job's actors; unique per run, since a killed
-    # run's actors may still be shutting down when the rerun starts.
-    job_name = f"maskray-segment-{manifest.job_id[:8]}-{uuid.uuid4().hex[:6]}"
-
-    def new_slot(number: int) -> _Slot:
-        actor = actor_class.options(**actor_options, name=f"{job_name}-{number}").remote(
-            weights_ref, job.output, job.storage_options, job.overrides(), metadata, job.worker_options(), threads, board
-        )
-        return _Slot(actor, actor.ready.remote())
-
-    slots = [new_slot(i) for i in range(min(num_actors, len(todo)))]
-    actors_made = len(slots)
-    replacements_left = 2 * len(slots) + 2  # actors that die are replaced, but not forever
-
-    queue: deque[int] = deque()
-    fresh: Iterator[int] = iter(todo)
-    attempts: dict[int, int] = {}
-    stats = RunStats()
-    failed = stats.failed
-    images_done, shards_done = 0, 0
-    waiting_since = time.monotonic()
-    first_ready: float | None = None
-    bar = _progress_bar(job.progress, plan, todo, already_done)
-
-    def replace_lost_actor(reason: str) -> None:
-        """A fresh actor in a lost one's place, while replacements last. It starts when a node has
-        room; until then the other actors go on, and one that never starts (its node is gone for
-        good) holds nothing up."""
-        nonlocal actors_made, replacements_left
-        stats.actors_lost += 1
-        if replacements_left > 0:
-            log.warning("an actor was lost (%s); a replacement is asked for", reason)
-            replacements_left -= 1
-            slots.append(new_slot(actors_made))
-            actors_made += 1
-
-    def next_shard() -> int | None:
-        if queue:
-            return queue.popleft()
-        return next(fresh, None)
-
-    def finished(shard: Shard, summary: dict) -> None:
-        nonlocal images_done, shards_done
-        board.finish.remote(shard.index)
-        images_done += summary["images"]
-        shards_done += 1
-        stats.nodes.add(summary["node"])
-
-    def retry_or_fail(shard: Shard, why: str) -> None:
-        attempts[shard.index] = attempts.get(shard.index, 0) + 1
-        board.restart.remote(shard.index)
-        if attempts[shard.index] >= MAX_SHARD_ATTEMPTS:
-            failed[shard.index] = why
-            log.error("shard %d failed %d times, giving up: %s", shard.index, attempts[shard.index], why)
-        else:
-            log.warning("shard %d will be retried (%s)", shard.index, why)
-            stats.retries += 1
-            queue.append(shard.index)
 
     try:
-        while True:
-            # Hand out shards to ready actors, up to SHARDS_IN_FLIGHT_PER_ACTOR each.
-            exhausted = False
-            for slot in slots:
-                while slot.ready and len(slot.shards) < SHARDS_IN_FLIGHT_PER_ACTOR:
-                    index = next_shard()
-                    if index is None:
-                        exhausted = True
-                        break
-                    shard = plan.shard(index)
-                    slot.shards[slot.actor.process.remote(shard)] = shard
-            in_flight = {ref: slot for slot in slots for ref in slot.shards}
-            starting = {slot.ready_ref: slot for slot in slots if not slot.ready}
-            if not in_flight and exhausted and not queue:
-                break
-            if not slots:
-                raise JobError(f"no actor is left to run the remaining shards ({actors_made} were started; see the errors above)")
-            ready, _ = ray.wait([*in_flight, *starting], num_returns=1, timeout=0.5)
-            for ref in ready:
-                if ref in starting:
-                    slot = starting[ref]
-                    try:
-                        log.info("actor ready: %s", ray.get(ref))
-                        slot.ready = True
-                        first_ready = first_ready or time.monotonic()
-                        waiting_since = time.monotonic()
-                    except ray.exceptions.RayActorError as error:
-                        # Before any actor has loaded the model, a failure is the model's (missing
-                        # compiled ops, no memory): the same would happen again. After, it is this
-                        # actor's (its node died while it started): a fresh one takes its place.
-                        slots.remove(slot)
-                        log.error("an actor could not start: %s", first_line(error))
-                        if first_ready is not None:
-                            replace_lost_actor(first_line(error))
-                        if not slots:
-                            raise JobError(f"the segmentation actors could not start: {first_line(error)}") from None
-                    continue
-                slot = in_flight[ref]
-                order = list(slot.shards.items())  # submission order, which is the order they run in
-                shard = slot.shards.pop(ref)
-                try:
-                    finished(shard, ray.get(ref))
-                except ray.exceptions.RayActorError as error:
-                    # The actor (or its node) died. Its shards ran in submission order: those
-                    # before the one it was running had finished, that one is charged an
-                    # attempt, and those queued behind it never ran, so they go back uncharged.
-                    why = f"its actor died: {first_line(error)}"
-                    slot.shards.clear()
-                    ray.wait([r for r, _ in order], num_returns=len(order), timeout=10)
-                    charged, never_ran = False, []
-                    for other_ref, other in order:
-                        try:
-                            finished(other, ray.get(other_ref, timeout=0))
-                        except ray.exceptions.RayTaskError as task_error:  # it ran, and failed on its own
-                            retry_or_fail(other, first_line(getattr(task_error, "cause", None) or task_error))
-                        except Exception:  # noqa: BLE001 - lost with the actor
-                            if charged:
-                                board.restart.remote(other.index)
-                                never_ran.append(other.index)
-                            else:
-                                retry_or_fail(other, why)
-                                charged = True
-                    queue.extendleft(reversed(never_ran))
-                    slots.remove(slot)
-                    ray.kill(slot.actor, no_restart=True)
-                    replace_lost_actor(first_line(error))
-                    continue
-                except ray.exceptions.RayTaskError as error:  # e.g. the output could not be written
-                    retry_or_fail(shard, first_line(getattr(error, "cause", None) or error))
-                    continue
-                if bar is not None:
-                    bar.set_postfix_str(f"shards {already_done + shards_done}/{plan.num_shards}", refresh=False)
-            if bar is not None:
-                # update() rather than setting n: it keeps tqdm's rate limit (one line per 10 s in logs).
-                done_now = images_done + ray.get(board.total.remote())
-                if done_now > bar.n:
-                    bar.update(done_now - bar.n)
-            if not any(s.ready for s in slots) and time.monotonic() - waiting_since > job.actor_start_timeout:
-                raise JobError(
-                    f"no segmentation actor started within {job.actor_start_timeout:.0f} s: the cluster lacks the "
-                    f"resources each needs ({resources})"
-                )
-    finally:
-        if bar is not None:
-            bar.close()
-        for slot in slots:
-            ray.kill(slot.actor, no_restart=True)
-        ray.kill(board, no_restart=True)
-    stats.images, stats.shards = images_done, shards_done
-    stats.processing_seconds = time.monotonic() - first_ready if first_ready else 0.0
-    return stats
+        return Finished(ray.get(ref, timeout=0))
+    except ray.exceptions.RayTaskError as error:  # it ran, and failed on its own
+        return FailedOnItsOwn(_task_failure(error))
+    except Exception:  # noqa: BLE001 - lost with the actor
+        return Lost()
 
+
+def _task_failure(error) -> str:
+    return first_line(getattr(error, "cause", None) or error)
 
 
 def _progress_bar(enabled: bool, plan: Plan, todo: list[int], already_done: int):

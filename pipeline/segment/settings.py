@@ -1,30 +1,56 @@
-"""What a segmentation job is given: the ``maskray segment`` arguments, with their defaults."""
+"""What a segmentation job is given: the ``maskray segment`` options, with their defaults and help.
+
+``SegmentJob`` is the one statement of them: the command line is made from its fields
+(maskray.jobs.arguments), so this module imports nothing heavy (no torch): ``maskray segment
+--help`` comes back at once.
+"""
 
 from dataclasses import dataclass, field
 from typing import Any
 
-from maskray.pipeline.decode import DEFAULT_MAX_PIXELS
-from maskray.pipeline.segment.worker import WorkerOptions
+from maskray.pipeline.options import STORAGE_OPTIONS_HELP, fraction, positive_int, storage_options
+
+# About 4x a 48-megapixel photo: a decompression bomb (a small file that claims a huge image)
+# is refused before any pixel is decoded. The same as maskray.pipeline.decode's default, which
+# imports torch (tests/test_cli.py checks that they agree).
+MAX_PIXELS = 200_000_000
 
 
 @dataclass
 class SegmentJob:
     """Everything a segmentation job is given (the ``maskray segment`` arguments)."""
 
-    input: str
-    output: str
-    weights: str
-    storage_options: dict[str, Any] = field(default_factory=dict)
-    batch_size: int = 2
-    shard_size: int = 64
-    num_actors: int | None = None  # default: one per GPU, or as many as the CPUs allow
-    cpus_per_actor: int | None = None  # default: 2 (capped at the largest node)
-    score_threshold: float | None = None  # default: the model's box_score_thresh
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    read_threads: int = 8
-    address: str | None = None  # a Ray cluster to join; default RAY_ADDRESS, else a local one
-    progress: bool = True
-    actor_start_timeout: float = 600.0
+    input: str = field(metadata={
+        "positional": True, "metavar": "INPUT",
+        "help": "images: a prefix, a glob, or a .txt/.parquet file listing them (any fsspec URL)"})
+    output: str = field(metadata={
+        "positional": True, "metavar": "OUTPUT",
+        "help": "where the Parquet output goes (any fsspec URL); rerun to resume"})
+    weights: str = field(metadata={
+        "metavar": "CKPT", "help": "a maskray checkpoint or a torchvision Mask R-CNN state dict"})
+    storage_options: dict[str, Any] = field(default_factory=dict, metadata={
+        "type": storage_options, "metavar": "JSON", "help": STORAGE_OPTIONS_HELP})
+    batch_size: int = field(default=2, metadata={
+        "type": positive_int, "help": "images per model call (default %(default)s)"})
+    shard_size: int = field(default=64, metadata={
+        "type": positive_int, "help": "images per shard, the unit of work and resume (default %(default)s)"})
+    num_actors: int | None = field(default=None, metadata={
+        "type": positive_int, "help": "model actors (default: one per GPU, else as many as the CPUs allow)"})
+    cpus_per_actor: int | None = field(default=None, metadata={
+        "type": positive_int,
+        "help": "CPUs (torch threads) per actor without GPUs (default 2, capped at the largest node)"})
+    score_threshold: float | None = field(default=None, metadata={
+        "type": fraction, "help": "keep detections scoring at least this (default: the model's box_score_thresh)"})
+    max_pixels: int = field(default=MAX_PIXELS, metadata={
+        "type": positive_int,
+        "help": f"refuse images larger than this many pixels, against decompression bombs (default {MAX_PIXELS:,})"})
+    read_threads: int = field(default=8, metadata={
+        "type": positive_int, "help": "images each actor reads and decodes at once (default %(default)s)"})
+    address: str | None = field(default=None, metadata={
+        "help": "Ray cluster to join (default: RAY_ADDRESS, else a local cluster)"})
+    progress: bool = field(default=True, metadata={"help": "no progress bar"})
+    actor_start_timeout: float = field(default=600.0, metadata={
+        "help": "seconds to wait for the model actors to start before the job gives up (default %(default)s)"})
 
     def validate(self) -> None:
         for name in ("batch_size", "shard_size", "max_pixels", "read_threads"):
@@ -35,9 +61,14 @@ class SegmentJob:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.score_threshold is not None and not 0.0 <= self.score_threshold <= 1.0:
             raise ValueError(f"score_threshold must be in [0, 1], got {self.score_threshold}")
+        if not self.actor_start_timeout > 0:
+            raise ValueError(f"actor_start_timeout must be positive, got {self.actor_start_timeout}")
 
     def overrides(self) -> dict[str, Any]:
         return {} if self.score_threshold is None else {"box_score_thresh": float(self.score_threshold)}
 
-    def worker_options(self) -> WorkerOptions:
+    def worker_options(self):
+        """The options of each actor's ShardWorker."""
+        from maskray.pipeline.segment.worker import WorkerOptions  # imports torch: only where a job runs
+
         return WorkerOptions(batch_size=self.batch_size, max_pixels=self.max_pixels, read_threads=self.read_threads)

@@ -15,7 +15,6 @@ that a retry or a rerun processes it: an error row is final, and must not record
 """
 
 import json
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
@@ -27,25 +26,19 @@ import pyarrow as pa
 import torch
 
 from maskray.pipeline.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
-from maskray.pipeline.retry import RetryPolicy, attempts_made, retry_call
-from maskray.pipeline.segment.output import (
-    IMAGES,
-    IMAGES_SCHEMA,
-    INSTANCES,
-    INSTANCES_SCHEMA,
-    StorageWriteError,
-    commit_shard,
-)
+from maskray.pipeline.segment.output import IMAGES, IMAGES_SCHEMA, INSTANCES, INSTANCES_SCHEMA, commit_shard
 from maskray.pipeline.segment.plan import Shard
-from maskray.pipeline.storage import describe_storage_error, open_object_url, open_url, redact, secret_values
+from maskray.pipeline.storage import (
+    MISSING,
+    StorageError,
+    describe_storage_error,
+    open_object_url,
+    open_url,
+    read_bytes,
+    redact,
+    secret_values,
+)
 from maskray.pipeline.weights import Weights, build_model
-
-# A read that fails for a reason that may pass is tried this often in all, waiting 0.25-0.5,
-# 0.5-1, 1-2 s between tries (maskray.pipeline.retry), on top of the retries the storage client makes itself.
-READ_ATTEMPTS = 4
-READ_BACKOFF_SECONDS = 0.5
-# Reads that end the image's own row rather than the shard: the object is not there (any more).
-_MISSING = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
 
 
 class ShardReadError(RuntimeError):
@@ -95,7 +88,6 @@ class ShardWorker:
         self.output_fs, self.output = open_url(output, self.storage_options)
         self.metadata = dict(metadata or {})
         self._readers = ThreadPoolExecutor(options.read_threads, thread_name_prefix="maskray-read")
-        self._model_lock = threading.Lock()  # two shards may be in progress: one reads while one infers
 
     # reading ---------------------------------------------------------------------------
 
@@ -106,21 +98,18 @@ class ShardWorker:
     def load(self, uri: str, image_id: int) -> LoadedImage:
         """Reads and decodes one image. What is wrong with the image itself (gone since the
         listing, not an image, too large) becomes its error message; a storage failure that may
-        pass (throttling, a 5xx, a dropped connection) is retried and then raised as
-        ShardReadError, as is one that cannot pass but is not the image's (refused credentials),
-        so that the shard is retried or rerun rather than committed with images it never read."""
-        def read() -> bytes:
-            fs, path = self._filesystem(uri)
-            return _read_whole(fs, path)
-
-        policy = RetryPolicy(READ_ATTEMPTS, READ_BACKOFF_SECONDS)  # read at each call, so that tests can shorten the waits
+        pass (throttling, a 5xx, a dropped connection) is retried (maskray.pipeline.storage) and then
+        raised as ShardReadError, as is one that cannot pass but is not the image's (refused
+        credentials), so that the shard is retried or rerun rather than committed with images it never read."""
         try:
-            data = retry_call(read, policy)
-        except _MISSING as error:
+            fs, path = self._filesystem(uri)
+            data = read_bytes(fs, path, uri)
+        except MISSING as error:  # the object is not there (any more): the image's own row
             return LoadedImage(uri, image_id, error=redact(f"cannot read: {describe_storage_error(uri, error)}", self.secrets))
-        except Exception as error:  # noqa: BLE001 - botocore, aiohttp and fsspec raise many kinds
-            raise ShardReadError(redact(f"cannot read {describe_storage_error(uri, error)} "
-                                        f"({attempts_made(error, policy)})", self.secrets)) from None
+        except StorageError as error:
+            raise ShardReadError(redact(str(error), self.secrets)) from None
+        except Exception as error:  # noqa: BLE001 - no filesystem for the URL (an unknown protocol, a package missing)
+            raise ShardReadError(redact(f"cannot read {describe_storage_error(uri, error)}", self.secrets)) from None
         try:
             image = decode_image(data, self.options.max_pixels)
         except ImageDecodeError as error:
@@ -146,14 +135,10 @@ class ShardWorker:
 
     # inference -------------------------------------------------------------------------
 
-    def _run_model(self, batch: list[LoadedImage]) -> list[dict]:
-        with self._model_lock:
-            return self.model([item.image.to(self.device, non_blocking=True) for item in batch])
-
     def _detect(self, batch: list[LoadedImage]) -> list[dict | str]:
         """Per image its detections, or an error message if the model failed on it."""
         try:
-            return self._run_model(batch)
+            return self.model([item.image.to(self.device, non_blocking=True) for item in batch])
         except Exception as error:  # noqa: BLE001 - a model failure on one image is its error row
             if device_is_broken(error):
                 raise  # every image after it would fail too: the actor ends itself (pipeline.segment) and is replaced
@@ -202,8 +187,8 @@ class ShardWorker:
         try:
             commit_shard(self.output_fs, self.output, shard.index, {INSTANCES: instances.table(), IMAGES: images.table()},
                          metadata, summary)
-        except StorageWriteError as error:  # its text quotes the storage's answer: no credential may ride along
-            raise StorageWriteError(redact(str(error), self.secrets)) from None
+        except StorageError as error:  # its text quotes the storage's answer: no credential may ride along
+            raise type(error)(redact(str(error), self.secrets)) from None
         return summary
 
     def _add_detections(self, images: "_Rows", instances: "_Rows", item: LoadedImage, result: dict) -> None:
@@ -230,15 +215,6 @@ class ShardWorker:
 
     def close(self) -> None:
         self._readers.shutdown(wait=False, cancel_futures=True)
-
-
-def _read_whole(fs, path: str) -> bytes:
-    """The object's bytes in as few requests as the filesystem allows: one GET on S3 (s3fs
-    otherwise asks for the size first, a HEAD per image, to split objects of over 50 MB that
-    images rarely are; under throttling every request counts)."""
-    if "s3" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-        return fs.cat_file(path, max_concurrency=1)
-    return fs.cat_file(path)
 
 
 def device_is_broken(error: BaseException) -> bool:

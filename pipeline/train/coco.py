@@ -2,8 +2,9 @@
 
 ``CocoDataset(json_url, images_url)`` reads a COCO instances JSON and serves, per image, the
 uint8 Tensor[3, H, W] and its target (``boxes`` xyxy float, ``labels`` int64 1..K, ``masks``
-uint8 [N, H, W], ``image_id``). Images are read with ``maskray.pipeline.storage.open_url`` and decoded
-by ``maskray.pipeline.decode.decode_image``: the very path the segmentation job takes.
+uint8 [N, H, W], ``image_id``). The JSON and the images are read through ``maskray.pipeline.storage``
+(retried through throttling, server errors and dropped connections) and images decoded by
+``maskray.pipeline.decode.decode_image``: the very path the segmentation job takes.
 
 What is done with the data, as torchvision's detection references do:
 
@@ -36,7 +37,7 @@ from torch import Tensor
 
 from maskray.pipeline.decode import decode_image
 from maskray.pipeline.errors import MaskrayError
-from maskray.pipeline.storage import join, open_url, public_url
+from maskray.pipeline.storage import MISSING, join, list_files, open_url, public_url, read_bytes, read_object
 
 
 class CocoDataError(MaskrayError, ValueError):
@@ -54,11 +55,9 @@ class CocoImage:
 
 def read_coco_json(url: str, storage_options: Mapping[str, Any] | None = None) -> dict:
     """The JSON at ``url``, checked to be a COCO instances file with images and categories."""
-    fs, path = open_url(url, storage_options)
     where = public_url(url)
     try:
-        with fs.open(path, "rb") as f:
-            raw = f.read()
+        raw = read_object(url, storage_options)
     except FileNotFoundError:
         raise CocoDataError(f"{where}: no such file") from None
     if not raw.strip():
@@ -149,10 +148,7 @@ class CocoDataset(torch.utils.data.Dataset):
     def _check_files(self) -> None:
         """Every image file exists: one listing of the images prefix, not a request per file."""
         fs, root = open_url(self.images_url, self.storage_options)
-        try:
-            present = {p[len(root):].lstrip("/") for p in fs.find(root)}
-        except FileNotFoundError:
-            present = set()
+        present = {p[len(root):].lstrip("/") for p in list_files(fs, root, recursive=True)}
         missing = [image.file_name for image in self.images if image.file_name not in present]
         if missing:
             raise CocoDataError(
@@ -169,12 +165,15 @@ class CocoDataset(torch.utils.data.Dataset):
 
     def read_image(self, index: int) -> Tensor:
         image = self.images[index]
-        fs, root = open_url(self.images_url, self.storage_options)
-        with fs.open(join(root, image.file_name), "rb") as f:
-            pixels = decode_image(f.read())
+        fs, root = open_url(self.images_url, self.storage_options)  # fsspec caches the filesystem
+        where = f"{public_url(self.images_url.rstrip('/'))}/{image.file_name}"
+        try:
+            pixels = decode_image(read_bytes(fs, join(root, image.file_name), where))
+        except MISSING:
+            raise CocoDataError(f"{where}: no such image file (named in {self.json_url})") from None
         if tuple(pixels.shape[-2:]) != (image.height, image.width):
             raise CocoDataError(
-                f"{public_url(self.images_url)}/{image.file_name}: the image is {pixels.shape[-1]}x{pixels.shape[-2]} "
+                f"{where}: the image is {pixels.shape[-1]}x{pixels.shape[-2]} "
                 f"but {self.json_url} says {image.width}x{image.height}"
             )
         return pixels

@@ -26,14 +26,19 @@ from typing import Any
 from maskray.model import MaskRCNN
 from maskray.model.checkpoint import safe_load
 from maskray.pipeline.cluster import connect_ray
-from maskray.pipeline.storage import join, open_url, public_url, redact, secret_values
-from maskray.pipeline.train.initial_weights import (
-    export_model,
-    initial_state,
-    load_initial_weights,
-    model_config,
-    read_weights_file,
+from maskray.pipeline.errors import TrainingError
+from maskray.pipeline.storage import (
+    join,
+    list_files,
+    open_url,
+    public_url,
+    read_bytes,
+    redact,
+    remove_temporary_files,
+    secret_values,
+    write_bytes_atomically,
 )
+from maskray.pipeline.train.initial_weights import export_model, initial_state, load_initial_weights, model_config
 from maskray.pipeline.train.loop import train_worker
 from maskray.pipeline.train.settings import (
     CHECKPOINT_FILE,
@@ -41,9 +46,9 @@ from maskray.pipeline.train.settings import (
     RUN_NAME,
     SETTINGS_FILE,
     SNAPSHOT_FILE,
-    TrainingError,
     TrainSettings,
 )
+from maskray.pipeline.weights import read_weights
 
 
 def _storage_for_ray(output: str, storage_options: Mapping[str, Any]):
@@ -62,10 +67,8 @@ def _storage_for_ray(output: str, storage_options: Mapping[str, Any]):
 def run_exists(output: str, storage_options: Mapping[str, Any] | None = None) -> bool:
     """Whether ``output`` holds a Ray Train run with a reported checkpoint."""
     fs, root = open_url(output, storage_options)
-    try:
-        return any(p.rsplit("/", 1)[-1].startswith("checkpoint_manager_snapshot") for p in fs.find(join(root, RUN_NAME)))
-    except FileNotFoundError:
-        return False
+    names = list_files(fs, join(root, RUN_NAME), recursive=True)
+    return any(p.rsplit("/", 1)[-1].startswith("checkpoint_manager_snapshot") for p in names)
 
 
 def recorded_checkpoint(output: str, storage_options: Mapping[str, Any] | None = None) -> str | None:
@@ -80,8 +83,7 @@ def recorded_checkpoint(output: str, storage_options: Mapping[str, Any] | None =
     fs, root = open_url(output, storage_options)
     path = join(root, RUN_NAME, SNAPSHOT_FILE)
     try:
-        with fs.open(path, "rb") as f:
-            record = json.loads(f.read())
+        record = json.loads(read_bytes(fs, path))
         latest = record.get("latest_checkpoint_result") or (record.get("checkpoint_results") or [None])[-1]
         name = latest["checkpoint_dir_name"] if latest else None
     except FileNotFoundError:
@@ -146,7 +148,7 @@ def train(settings: TrainSettings, address: str | None = None, log=print) -> dic
 
     init_config, init_state_dict, torchvision_init = None, None, False
     if settings.init:
-        init_config, init_state_dict = initial_state(read_weights_file(settings.init, options))
+        init_config, init_state_dict = initial_state(read_weights(settings.init, options, flag="--init"))
         torchvision_init = init_config is None
     config = model_config(settings, train_set.class_names, init_config, torchvision_init)
     if init_state_dict is not None:
@@ -154,9 +156,9 @@ def train(settings: TrainSettings, address: str | None = None, log=print) -> dic
         say(f"maskray train: weights from {public_url(settings.init)}"
             + (f"; heads re-made for {config.num_classes} classes: {remade}" if remade else ""))
 
-    fs.makedirs(out_root, exist_ok=True)
-    with fs.open(join(out_root, SETTINGS_FILE), "w") as f:
-        json.dump({"settings": settings.public(), "config": config.to_dict()}, f, indent=1)
+    remove_temporary_files(fs, out_root)  # of the atomic writes (metrics, settings) of a run killed mid-write
+    record = {"settings": settings.public(), "config": config.to_dict()}
+    write_bytes_atomically(fs, join(out_root, SETTINGS_FILE), json.dumps(record, indent=1).encode())
 
     connect_ray(address, dashboard=True)
     import ray.train

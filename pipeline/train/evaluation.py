@@ -128,15 +128,10 @@ def predict_coco_results(model, dataset, indices: Sequence[int] | None = None, b
 
 
 def write_results(results: list[dict], url: str, storage_options: Mapping[str, Any] | None = None) -> None:
-    """The COCO results JSON (a list of detections), at a local path or fsspec URL."""
-    from maskray.pipeline.storage import open_url
+    """The COCO results JSON (a list of detections), at a local path or fsspec URL, written atomically."""
+    from maskray.pipeline.storage import open_url, write_bytes_atomically
 
-    fs, path = open_url(url, storage_options)
-    parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    with fs.open(path, "w") as f:
-        json.dump(results, f)
+    write_bytes_atomically(*open_url(url, storage_options), json.dumps(results).encode())
 
 
 def format_metrics(metrics: Mapping[str, float]) -> str:

@@ -11,38 +11,23 @@ from typing import Any
 import torch
 
 from maskray.model import MaskRCNN, MaskRCNNConfig
-from maskray.model.checkpoint import FORMAT, float32_state_dict, read_torchvision_state_dict, safe_load
-from maskray.pipeline.storage import open_url, public_url
-from maskray.pipeline.train.settings import TrainingError, TrainSettings
+from maskray.model.checkpoint import float32_state_dict, is_maskray_checkpoint
+from maskray.pipeline.errors import TrainingError
+from maskray.pipeline.storage import open_url, write_bytes_atomically
+from maskray.pipeline.train.settings import TrainSettings
+from maskray.pipeline.weights import Weights, load_state, torchvision_state_dict
 
 # The heads whose shape depends on the number of classes: re-made when that number changes.
 CLASS_HEADS = ("roi_heads.box_predictor.cls_score.", "roi_heads.box_predictor.bbox_pred.",
                "roi_heads.mask_predictor.mask_fcn_logits.")
 
 
-def fetch_weights(url: str, storage_options: Mapping[str, Any] | None = None) -> io.BytesIO:
-    """The bytes of a weights file at a path or fsspec URL, as a file object named by its URL."""
-    fs, path = open_url(url, storage_options)
-    try:
-        with fs.open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise TrainingError(f"{public_url(url)}: no such weights file") from None
-    buffer = io.BytesIO(data)
-    buffer.name = public_url(url)
-    return buffer
-
-
-def read_weights_file(url: str, storage_options: Mapping[str, Any] | None = None) -> Any:
-    """A weights file at a path or fsspec URL, read with ``weights_only=True``."""
-    return safe_load(fetch_weights(url, storage_options))
-
-
-def initial_state(init: Any) -> tuple[MaskRCNNConfig | None, dict[str, torch.Tensor]]:
+def initial_state(init: Weights) -> tuple[MaskRCNNConfig | None, dict[str, torch.Tensor]]:
     """(the architecture of ``init`` if it is one of ours, its float32 state dict)."""
-    if isinstance(init, dict) and init.get("format") == FORMAT:
-        return MaskRCNNConfig.from_dict(init["config"]), float32_state_dict(init)
-    return None, read_torchvision_state_dict(init)
+    state = load_state(init)
+    if is_maskray_checkpoint(state):
+        return MaskRCNNConfig.from_dict(state["config"]), float32_state_dict(state)
+    return None, torchvision_state_dict(init, state)
 
 
 def model_config(settings: TrainSettings, class_names: tuple[str, ...], init_config: MaskRCNNConfig | None,
@@ -111,8 +96,6 @@ def export_model(checkpoint: Mapping[str, Any], url: str, dtype: str = "float32"
     buffer = io.BytesIO()
     model.save(buffer, weights_dtype=dtype, trained={"epoch": checkpoint.get("epoch"), "step": checkpoint.get("step"),
                                                       "metrics": checkpoint.get("metrics", [])[-1:]})
-    fs, path = open_url(url, storage_options)
-    with fs.open(path, "wb") as f:
-        f.write(buffer.getvalue())
+    write_bytes_atomically(*open_url(url, storage_options), buffer.getvalue())  # never half a model.pt
     return model.eval()
 

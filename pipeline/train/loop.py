@@ -13,17 +13,20 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from maskray.model import LOSS_NAMES, MaskRCNN, MaskRCNNConfig
 from maskray.model.checkpoint import float32_state_dict, safe_load
+from maskray.pipeline.errors import TrainingError
 from maskray.pipeline.storage import redact, secret_values
 from maskray.pipeline.train.initial_weights import load_initial_weights
 from maskray.pipeline.train.metrics import write_metrics
 from maskray.pipeline.train.schedule import make_optimizer
-from maskray.pipeline.train.settings import CHECKPOINT_FILE, TrainingError, TrainSettings
+from maskray.pipeline.train.settings import CHECKPOINT_FILE, TrainSettings
 
 
 def _progress(total: int, description: str, enabled: bool):
@@ -90,21 +93,207 @@ def read_resume_state(checkpoint) -> dict[str, Any]:
                                 f"--output) with --init set to an earlier epoch's {CHECKPOINT_FILE}") from None
     missing = [k for k in RESUME_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
-        raise TrainingError(f"cannot resume from the checkpoint {where}: it lacks {missing} (not a training checkpoint)")
+        raise TrainingError(f"cannot resume from the checkpoint {where}: it lacks {missing} "
+                            "(not a training checkpoint)")
     return state
+
+
+@dataclass
+class EpochTotals:
+    """An epoch's running totals: of this worker while it trains, of every worker once reduced."""
+
+    losses: dict[str, float] = field(default_factory=lambda: dict.fromkeys(LOSS_NAMES, 0.0))  # summed over steps
+    images: int = 0
+    skipped_annotations: int = 0  # annotations the data loader left out (too small to train on)
+    steps: int = 0
+
+    def add_step(self, losses: Mapping[str, torch.Tensor], images: int) -> None:
+        for name in LOSS_NAMES:
+            self.losses[name] += losses[name].item()
+        self.images += images
+        self.steps += 1
+
+    def mean_losses(self) -> dict[str, float]:
+        """Each loss averaged over the steps, in LOSS_NAMES order."""
+        return {name: self.losses[name] / max(self.steps, 1) for name in LOSS_NAMES}
+
+    # One tensor holds every field, so that a single all-reduce sums them all. Float64 keeps
+    # the loss sums as exact as Python's floats, and counts exact up to 2**53.
+    def pack(self) -> torch.Tensor:
+        counts = (self.images, self.skipped_annotations, self.steps)
+        return torch.tensor([*(self.losses[name] for name in LOSS_NAMES), *counts], dtype=torch.float64)
+
+    @classmethod
+    def unpack(cls, packed: torch.Tensor) -> EpochTotals:
+        *losses, images, skipped_annotations, steps = packed.tolist()
+        return cls(dict(zip(LOSS_NAMES, losses)), int(images), int(skipped_annotations), int(steps))
+
+    def all_reduced(self, device: torch.device) -> EpochTotals:
+        """The totals summed over every worker (a collective: every worker must call it)."""
+        packed = self.pack().to(device)  # NCCL reduces only GPU tensors
+        torch.distributed.all_reduce(packed)
+        return EpochTotals.unpack(packed.cpu())
+
+
+@dataclass
+class WorkerData:
+    """This worker's share of the training images, and the validation set (its truth on rank 0)."""
+
+    sampler: Any  # a DistributedSampler: set_epoch reshuffles
+    loader: Any
+    val_set: Any = None
+    val_truth: dict | None = None
+
+
+def build_data(settings: TrainSettings, rank: int, world: int) -> WorkerData:
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from maskray.pipeline.train.coco import CocoDataset, RandomHorizontalFlip, collate, read_coco_json
+
+    options = settings.storage_options
+    dataset = CocoDataset(settings.train_json, settings.train_images, options, check_files=False)
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=settings.seed)
+    loader = DataLoader(RandomHorizontalFlip(dataset), batch_size=settings.batch_size, sampler=sampler,
+                        collate_fn=collate, num_workers=settings.loader_workers,
+                        persistent_workers=settings.loader_workers > 0)
+    data = WorkerData(sampler, loader)
+    if settings.val_json:
+        data.val_set = CocoDataset(settings.val_json, settings.val_images, options, check_files=False)
+        data.val_truth = read_coco_json(settings.val_json, options) if rank == 0 else None
+    return data
+
+
+def build_model(loop_config: dict[str, Any], state: dict[str, Any] | None) -> MaskRCNN:
+    """The model of a resumed run with its weights, or a new one (with the --init weights if any)."""
+    if state is not None:
+        model = MaskRCNN(MaskRCNNConfig.from_dict(state["config"]))  # the run's model, whatever the options now
+        model.load_state_dict(float32_state_dict(state))
+        return model
+    model = MaskRCNN(MaskRCNNConfig.from_dict(loop_config["config"]))
+    if loop_config.get("init_state_dict") is not None:
+        load_initial_weights(model, loop_config["init_state_dict"])
+    return model
+
+
+class WorkerTraining:
+    """One worker's model, optimiser, schedule and AMP scaler, with the step count and the
+    metrics rows of the run; started afresh or from the checkpoint ``state`` of a resume."""
+
+    def __init__(self, settings: TrainSettings, model: MaskRCNN, rank: int, world: int, device: torch.device,
+                 steps_per_epoch: int, state: dict[str, Any] | None) -> None:
+        import ray.train.torch
+
+        self.settings, self.rank, self.world, self.device = settings, rank, world, device
+        self.model = model.to(device)
+        self.ddp_model = ray.train.torch.prepare_model(model, move_to_device=False)
+        self.steps_per_epoch = steps_per_epoch
+        self.parameters, self.optimizer, self.scheduler = make_optimizer(model, settings, steps_per_epoch)
+        self.use_amp = device.type == "cuda" and settings.amp is not False  # amp None: on with GPUs
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.start_epoch, self.step, self.history = 0, 0, []
+        if state is not None:
+            self._restore(state)
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.start_epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.history = list(state.get("metrics", []))
+        if self.rank == 0:
+            print(f"maskray train: resuming after epoch {self.start_epoch} (step {self.step})", flush=True)
+
+    def train_step(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]],
+                   epoch: int) -> dict[str, torch.Tensor]:
+        """One SGD step on a batch; returns its losses. A loss gone NaN or infinite stops the run."""
+        images = [image.to(self.device, non_blocking=True) for image in images]
+        targets = _move_targets(targets, self.device)
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
+            losses = self.ddp_model(images, targets)
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            parts = {k: v.item() for k, v in losses.items()}
+            raise TrainingError(f"the loss is {loss.item()} at step {self.step} (epoch {epoch + 1}): {parts}; "
+                                "lower --lr or set --clip-grad-norm")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.settings.clip_grad_norm:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.parameters, self.settings.clip_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.step += 1
+        return losses
+
+    def train_epoch(self, data: WorkerData, epoch: int) -> tuple[EpochTotals, float]:
+        """An epoch over this worker's shard: its totals and the seconds it took."""
+        data.sampler.set_epoch(epoch)
+        self.model.train()
+        totals = EpochTotals()
+        show = self.settings.progress and self.rank == 0
+        bar = _progress(self.steps_per_epoch, f"epoch {epoch + 1}/{self.settings.epochs}", show)
+        started = time.perf_counter()
+        for images, targets in data.loader:
+            # The loader's count rides in the targets; taken out before they go to the model.
+            totals.skipped_annotations += sum(int(t.pop("skipped")) for t in targets)
+            losses = self.train_step(images, targets, epoch)
+            totals.add_step(losses, len(images))
+            if bar is not None:
+                bar.update(1)
+        seconds = time.perf_counter() - started
+        if bar is not None:
+            bar.close()
+        return totals, seconds
+
+    def epoch_row(self, epoch: int, totals: EpochTotals, seconds: float) -> dict[str, Any]:
+        """The epoch's metrics row (what metrics.csv and the checkpoint hold) from every worker's totals."""
+        means = totals.mean_losses()
+        return {
+            "epoch": epoch + 1, "step": self.step, "lr": self.optimizer.param_groups[0]["lr"],
+            "loss": sum(means.values()), **means,
+            "images_per_s": totals.images / seconds, "epoch_seconds": seconds,
+            "skipped_annotations": totals.skipped_annotations,
+        }
+
+    def validate(self, data: WorkerData) -> dict[str, float]:
+        """Validation AP (bbox and segm) on rank 0, an empty dict elsewhere; every worker predicts a shard."""
+        from maskray.pipeline.train.evaluation import coco_evaluate
+
+        results = _evaluate_shard(self.model, data.val_set, self.rank, self.world, self.device,
+                                  self.settings.batch_size)
+        if self.rank != 0:
+            return {}
+        ap = coco_evaluate(data.val_truth, results)
+        return {k: ap[k] for k in ("bbox_AP", "bbox_AP50", "segm_AP", "segm_AP50")}
+
+    def report(self, epoch: int, row: dict[str, Any]) -> None:
+        """The epoch to Ray Train: rank 0 with the checkpoint, then metrics.csv/png and a log line."""
+        import ray.train
+
+        name = f"epoch-{epoch + 1:04d}"
+        if self.rank != 0:
+            ray.train.report(row, checkpoint=None, checkpoint_dir_name=name)
+            return
+        settings = self.settings
+        with tempfile.TemporaryDirectory() as folder:
+            self.model.save(os.path.join(folder, CHECKPOINT_FILE), optimizer=self.optimizer.state_dict(),
+                            scheduler=self.scheduler.state_dict(),
+                            scaler=self.scaler.state_dict() if self.use_amp else None,
+                            epoch=epoch + 1, step=self.step, metrics=self.history, settings=settings.public())
+            ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=name)
+        write_metrics(self.history, settings.output, settings.storage_options)
+        summary = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+        print(redact(f"maskray train: {summary}", secret_values(settings.storage_options)), flush=True)
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
     """The per-worker training loop that TorchTrainer runs on every worker."""
     import ray.train
     import ray.train.torch
-    from torch.utils.data import DataLoader, DistributedSampler
-
-    from maskray.pipeline.train.coco import CocoDataset, RandomHorizontalFlip, collate, read_coco_json
-    from maskray.pipeline.train.evaluation import coco_evaluate
 
     settings = TrainSettings(**loop_config["settings"])
-    options = settings.storage_options
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     if settings.cpus_per_worker:
@@ -112,110 +301,18 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(settings.seed + rank)  # flips differ per worker; DDP gives all rank 0's weights
 
-    dataset = CocoDataset(settings.train_json, settings.train_images, options, check_files=False)
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=settings.seed)
-    loader = DataLoader(RandomHorizontalFlip(dataset), batch_size=settings.batch_size, sampler=sampler,
-                        collate_fn=collate, num_workers=settings.loader_workers,
-                        persistent_workers=settings.loader_workers > 0)
-    val_set = None
-    if settings.val_json:
-        val_set = CocoDataset(settings.val_json, settings.val_images, options, check_files=False)
-        val_truth = read_coco_json(settings.val_json, options) if rank == 0 else None
-
-    config = MaskRCNNConfig.from_dict(loop_config["config"])
+    data = build_data(settings, rank, world)
     resumed = ray.train.get_checkpoint()
-    state: dict[str, Any] | None = None
-    if resumed is not None:
-        state = read_resume_state(resumed)
-        config = MaskRCNNConfig.from_dict(state["config"])  # the run's model, whatever the options now
-    model = MaskRCNN(config)
-    if state is not None:
-        model.load_state_dict(float32_state_dict(state))
-    elif loop_config.get("init_state_dict") is not None:
-        load_initial_weights(model, loop_config["init_state_dict"])
-    model.to(device)
-    ddp_model = ray.train.torch.prepare_model(model, move_to_device=False)
+    state = read_resume_state(resumed) if resumed is not None else None
+    training = WorkerTraining(settings, build_model(loop_config, state), rank, world, device, len(data.loader), state)
 
-    steps_per_epoch = len(loader)
-    parameters, optimizer, scheduler = make_optimizer(model, settings, steps_per_epoch)
-    use_amp = settings.amp if settings.amp is not None else device.type == "cuda"
-    use_amp = use_amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-
-    start_epoch, step, history = 0, 0, []
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start_epoch, step, history = int(state["epoch"]), int(state["step"]), list(state.get("metrics", []))
-        if rank == 0:
-            print(f"maskray train: resuming after epoch {start_epoch} (step {step})", flush=True)
-
-    secrets = secret_values(options)
-    for epoch in range(start_epoch, settings.epochs):
-        sampler.set_epoch(epoch)
-        model.train()
-        sums = torch.zeros(len(LOSS_NAMES) + 3, dtype=torch.float64)  # losses, images, skipped, steps
-        bar = _progress(steps_per_epoch, f"epoch {epoch + 1}/{settings.epochs}", settings.progress and rank == 0)
-        started = time.perf_counter()
-        for images, targets in loader:
-            sums[-2] += sum(int(t.pop("skipped")) for t in targets)
-            images = [image.to(device, non_blocking=True) for image in images]
-            targets = _move_targets(targets, device)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                losses = ddp_model(images, targets)
-            loss = sum(losses.values())
-            if not torch.isfinite(loss):
-                parts = {k: v.item() for k, v in losses.items()}
-                raise TrainingError(f"the loss is {loss.item()} at step {step} (epoch {epoch + 1}): {parts}; "
-                                    "lower --lr or set --clip-grad-norm")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if settings.clip_grad_norm:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(parameters, settings.clip_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            step += 1
-            sums[: len(LOSS_NAMES)] += torch.tensor([losses[k].item() for k in LOSS_NAMES], dtype=torch.float64)
-            sums[-3] += len(images)
-            sums[-1] += 1
-            if bar is not None:
-                bar.update(1)
-        seconds = time.perf_counter() - started
-        if bar is not None:
-            bar.close()
+    for epoch in range(training.start_epoch, settings.epochs):
+        totals, seconds = training.train_epoch(data, epoch)
         if world > 1:
-            reduced = sums.to(device)  # NCCL reduces only GPU tensors
-            torch.distributed.all_reduce(reduced)  # every worker's losses, images and skips
-            sums = reduced.cpu()
-            average_batchnorm_statistics(model, world)
-        mean = (sums[: len(LOSS_NAMES)] / sums[-1].clamp(min=1)).tolist()
-        row: dict[str, Any] = {
-            "epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
-            "loss": sum(mean), **dict(zip(LOSS_NAMES, mean)),
-            "images_per_s": float(sums[-3]) / seconds, "epoch_seconds": seconds,
-            "skipped_annotations": int(sums[-2]),
-        }
-        if val_set is not None:
-            results = _evaluate_shard(model, val_set, rank, world, device, settings.batch_size)
-            if rank == 0:
-                ap = coco_evaluate(val_truth, results)
-                row.update({k: ap[k] for k in ("bbox_AP", "bbox_AP50", "segm_AP", "segm_AP50")})
-        history.append(row)
-
-        name = f"epoch-{epoch + 1:04d}"
-        if rank == 0:
-            with tempfile.TemporaryDirectory() as folder:
-                model.save(os.path.join(folder, CHECKPOINT_FILE), optimizer=optimizer.state_dict(),
-                           scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if use_amp else None,
-                           epoch=epoch + 1, step=step, metrics=history, settings=settings.public())
-                ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=name)
-            write_metrics(history, settings.output, options)
-            summary = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
-            print(redact(f"maskray train: {summary}", secrets), flush=True)
-        else:
-            ray.train.report(row, checkpoint=None, checkpoint_dir_name=name)
-
+            totals = totals.all_reduced(device)
+            average_batchnorm_statistics(training.model, world)
+        row = training.epoch_row(epoch, totals, seconds)
+        if data.val_set is not None:
+            row.update(training.validate(data))
+        training.history.append(row)
+        training.report(epoch, row)

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from maskray.model import LOSS_NAMES
-from maskray.pipeline.storage import join, open_url
+from maskray.pipeline.storage import join, open_url, read_object, write_bytes_atomically
 
 METRICS_CSV = "metrics.csv"
 METRICS_PNG = "metrics.png"
@@ -17,8 +17,8 @@ METRIC_COLUMNS = ("epoch", "step", "lr", "loss", *LOSS_NAMES, "images_per_s", "e
 
 
 def write_metrics(rows: list[dict[str, Any]], output: str, storage_options: Mapping[str, Any] | None = None) -> None:
-    """metrics.csv and metrics.png from all rows so far (rewritten whole: a reader never sees
-    half a file on an object store, where files are written at close)."""
+    """metrics.csv and metrics.png from all rows so far, each rewritten whole and atomically: a
+    reader never sees half a file, and a write that fails for a reason that may pass is retried."""
     from maskray.pipeline.train.curves import plot_curves
 
     text = io.StringIO()
@@ -27,14 +27,11 @@ def write_metrics(rows: list[dict[str, Any]], output: str, storage_options: Mapp
     for row in rows:
         writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in METRIC_COLUMNS})
     fs, root = open_url(output, storage_options)
-    with fs.open(join(root, METRICS_CSV), "w") as f:
-        f.write(text.getvalue())
-    with fs.open(join(root, METRICS_PNG), "wb") as f:
-        f.write(plot_curves(rows))
+    write_bytes_atomically(fs, join(root, METRICS_CSV), text.getvalue().encode())
+    write_bytes_atomically(fs, join(root, METRICS_PNG), plot_curves(rows))
 
 
 def read_metrics(output: str, storage_options: Mapping[str, Any] | None = None) -> list[dict[str, str]]:
-    fs, root = open_url(output, storage_options)
-    with fs.open(join(root, METRICS_CSV), "r") as f:
-        return list(csv.DictReader(f))
+    text = read_object(join(output.rstrip("/"), METRICS_CSV), storage_options).decode()
+    return list(csv.DictReader(io.StringIO(text, newline="")))
 

@@ -1,0 +1,149 @@
+"""The segmentation driver's bookkeeping: which shard runs next, which is charged an attempt, which
+is failed, and whether a lost actor is replaced. Plain Python, no Ray: ``scheduler`` carries its
+decisions out, and tests/test_scheduler.py checks them without a cluster."""
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+log = logging.getLogger("maskray.segment")
+
+MAX_SHARD_ATTEMPTS = 3
+
+
+@dataclass
+class RunStats:
+    shards: int = 0  # committed by this run
+    images: int = 0
+    failed: dict[int, str] = field(default_factory=dict)
+    retries: int = 0
+    actors_lost: int = 0
+    nodes: set[str] = field(default_factory=set)
+    processing_seconds: float = 0.0
+
+
+# What became of a shard an actor had in flight when it died.
+@dataclass(frozen=True)
+class Finished:
+    """It was done before the actor went; ``summary`` is what the actor returned."""
+
+    summary: dict
+
+
+@dataclass(frozen=True)
+class FailedOnItsOwn:
+    """Its task ran and raised (e.g. the output could not be written): not the actor's death."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Lost:
+    """It went with the actor: it was running, or queued behind the one that was."""
+
+
+Outcome = Finished | FailedOnItsOwn | Lost
+
+
+@dataclass(frozen=True)
+class ActorDeath:
+    """What to do about an actor that died with shards in flight."""
+
+    finished: list[int]  # to mark finished on the progress board
+    restarted: list[int]  # to count again from zero on the progress board, in submission order
+    replace: bool  # whether a fresh actor is started in its place
+
+
+class ShardBook:
+    """The shards still to (re)run, the attempts charged to each, the failed ones with their reasons,
+    and the actors lost and the replacements left; the driver asks it what to do next."""
+
+    def __init__(self, todo: list[int], initial_actors: int):
+        self._retry: deque[int] = deque()  # run before any fresh shard
+        self._fresh: deque[int] = deque(todo)
+        self.attempts: dict[int, int] = {}
+        self.stats = RunStats()
+        self.replacements_left = 2 * initial_actors + 2  # actors that die are replaced, but not forever
+        self.first_ready: float | None = None  # when the first actor had loaded the model
+
+    @property
+    def queued(self) -> list[int]:
+        """The shards waiting to run, in the order they will: retried first, then fresh."""
+        return [*self._retry, *self._fresh]
+
+    @property
+    def has_shards(self) -> bool:
+        """Whether any shard is still waiting to run (retried or fresh)."""
+        return bool(self._retry or self._fresh)
+
+    def next_shard(self) -> int | None:
+        if self._retry:
+            return self._retry.popleft()
+        return self._fresh.popleft() if self._fresh else None
+
+    def shard_finished(self, index: int, summary: dict) -> None:
+        self.stats.images += summary["images"]
+        self.stats.shards += 1
+        self.stats.nodes.add(summary["node"])
+
+    def shard_failed(self, index: int, reason: str) -> bool:
+        """Charges shard ``index`` an attempt; True if it is queued again, False if it has had its
+        MAX_SHARD_ATTEMPTS and is failed with ``reason``. Either way it starts again from zero."""
+        self.attempts[index] = self.attempts.get(index, 0) + 1
+        if self.attempts[index] >= MAX_SHARD_ATTEMPTS:
+            self.stats.failed[index] = reason
+            log.error("shard %d failed %d times, giving up: %s", index, self.attempts[index], reason)
+            return False
+        log.warning("shard %d will be retried (%s)", index, reason)
+        self.stats.retries += 1
+        self._retry.append(index)
+        return True
+
+    def actor_ready(self, now: float) -> None:
+        if self.first_ready is None:
+            self.first_ready = now
+
+    def actor_could_not_start(self, reason: str) -> bool:
+        """Whether a fresh actor takes the place of one that failed to start. Before any actor has
+        loaded the model, a failure is the model's (missing compiled ops, no memory): the same would
+        happen again. After, it is this actor's (its node died while it started)."""
+        log.error("an actor could not start: %s", reason)
+        if self.first_ready is None:
+            return False
+        return self.actor_lost(reason)
+
+    def actor_died(self, shards: list[tuple[int, Outcome]], reason: str) -> ActorDeath:
+        """An actor (or its node) died with ``shards`` in flight, given in submission order, which
+        is the order they ran in: those before the one it was running had finished, that one is
+        charged an attempt, and those queued behind it never ran, so they go back, uncharged, to
+        the front of the queue. One that failed on its own is charged its own reason."""
+        finished, restarted, never_ran = [], [], []
+        charged = False
+        for index, outcome in shards:
+            if isinstance(outcome, Finished):
+                self.shard_finished(index, outcome.summary)
+                finished.append(index)
+                continue
+            restarted.append(index)
+            if isinstance(outcome, FailedOnItsOwn):
+                self.shard_failed(index, outcome.reason)
+            elif charged:
+                never_ran.append(index)
+            else:
+                self.shard_failed(index, f"its actor died: {reason}")
+                charged = True
+        self._retry.extendleft(reversed(never_ran))
+        return ActorDeath(finished, restarted, self.actor_lost(reason))
+
+    def actor_lost(self, reason: str) -> bool:
+        """Counts a lost actor; True if a replacement is asked for, while replacements last."""
+        self.stats.actors_lost += 1
+        if self.replacements_left <= 0:
+            return False
+        log.warning("an actor was lost (%s); a replacement is asked for", reason)
+        self.replacements_left -= 1
+        return True
+
+    def result(self, now: float) -> RunStats:
+        self.stats.processing_seconds = now - self.first_ready if self.first_ready is not None else 0.0
+        return self.stats
