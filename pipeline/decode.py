@@ -20,9 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-# About 4x a 48-megapixel photo: a decompression bomb (a small file that claims a huge image)
-# is refused before any pixel is decoded. Configurable per job.
-DEFAULT_MAX_PIXELS = 200_000_000
+from maskray.pipeline.limits import DEFAULT_MAX_PIXELS
 
 # Our own limit, checked on the header's size, replaces Pillow's global one (which would
 # refuse images over 2 x 89 MP whatever a job allows, and only warn below that).

@@ -169,12 +169,6 @@ def test_a_real_command_reports_its_error(tmp_path, capsys):
     assert err.startswith("maskray make-shapes: error: ") and len(err.splitlines()) == 1, err
 
 
-def test_the_max_pixels_default_is_the_decoders():
-    from maskray.pipeline.decode import DEFAULT_MAX_PIXELS
-
-    assert SegmentJob("i", "o", "w").max_pixels == DEFAULT_MAX_PIXELS
-
-
 # The one weights reader, as segment, evaluate and train --init use it ----------------------------------
 
 

@@ -8,12 +8,8 @@
 from dataclasses import dataclass, field
 from typing import Any
 
+from maskray.pipeline.limits import DEFAULT_MAX_PIXELS
 from maskray.pipeline.options import STORAGE_OPTIONS_HELP, fraction, positive_int, storage_options
-
-# About 4x a 48-megapixel photo: a decompression bomb (a small file that claims a huge image)
-# is refused before any pixel is decoded. The same as maskray.pipeline.decode's default, which
-# imports torch (tests/test_cli.py checks that they agree).
-MAX_PIXELS = 200_000_000
 
 
 @dataclass
@@ -41,9 +37,9 @@ class SegmentJob:
         "help": "CPUs (torch threads) per actor without GPUs (default 2, capped at the largest node)"})
     score_threshold: float | None = field(default=None, metadata={
         "type": fraction, "help": "keep detections scoring at least this (default: the model's box_score_thresh)"})
-    max_pixels: int = field(default=MAX_PIXELS, metadata={
+    max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={
         "type": positive_int,
-        "help": f"refuse images larger than this many pixels, against decompression bombs (default {MAX_PIXELS:,})"})
+        "help": f"refuse images larger than this many pixels, against decompression bombs (default {DEFAULT_MAX_PIXELS:,})"})
     read_threads: int = field(default=8, metadata={
         "type": positive_int, "help": "images each actor reads and decodes at once (default %(default)s)"})
     address: str | None = field(default=None, metadata={

@@ -25,7 +25,8 @@ from typing import Any
 import pyarrow as pa
 import torch
 
-from maskray.pipeline.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
+from maskray.pipeline.decode import ImageDecodeError, decode_image
+from maskray.pipeline.limits import DEFAULT_MAX_PIXELS
 from maskray.pipeline.segment.output import IMAGES, IMAGES_SCHEMA, INSTANCES, INSTANCES_SCHEMA, commit_shard
 from maskray.pipeline.segment.plan import Shard
 from maskray.pipeline.storage import (

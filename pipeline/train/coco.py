@@ -208,13 +208,6 @@ class CocoDataset(torch.utils.data.Dataset):
         }
         return target, skipped
 
-    def count_skipped(self) -> Counter[str]:
-        """Everything skipped over the whole set (decodes every mask: call once, not per epoch)."""
-        total = Counter(self.skipped)
-        for index in range(len(self)):
-            total.update(self.target(index)[1])
-        return total
-
     def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
         """(image, target); the target's ``skipped`` counts the annotations left out of it."""
         target, skipped = self.target(index)
