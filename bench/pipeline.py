@@ -32,14 +32,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from maskray.model import MaskRCNN, MaskRCNNConfig  # noqa: E402
-from maskray.pipeline.decode import decode_image  # noqa: E402
+from maskray.model import MaskRCNN, MaskRCNNConfig
+from maskray.pipeline.decode import decode_image
 from maskray.pipeline.segment.job import run_segment
-from maskray.pipeline.segment.settings import SegmentJob  # noqa: E402
-from maskray.pipeline.weights import build_model, read_weights  # noqa: E402
+from maskray.pipeline.segment.settings import SegmentJob
+from maskray.pipeline.weights import build_model, read_weights
+
+ROOT = Path(__file__).resolve().parents[1]
 
 DEMO_WEIGHTS = ROOT / "model" / "weights" / "shapes_light.pt"
 

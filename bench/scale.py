@@ -386,7 +386,7 @@ def growth_after_warm_up(samples: list[tuple[float, int]], start: float, end: fl
 
 @dataclass
 class JobRun:
-    summary: object  # pipeline.segment.JobSummary
+    summary: object  # maskray.pipeline.segment.job.JobSummary
     trace: MemoryTrace
     tenths: list[float]  # images/s per tenth of the run
     work_tenths: list[float]  # images per actor CPU-second, per tenth of the run

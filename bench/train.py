@@ -32,17 +32,16 @@ from pathlib import Path
 import torch
 from torch.utils.data import DistributedSampler
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from maskray.model import LOSS_NAMES, MaskRCNN  # noqa: E402
-from maskray.pipeline.train.coco import CocoDataset, RandomHorizontalFlip, collate  # noqa: E402
+from maskray.model import LOSS_NAMES, MaskRCNN
+from maskray.pipeline.train.coco import CocoDataset, RandomHorizontalFlip, collate
 from maskray.pipeline.train.driver import train
 from maskray.pipeline.train.initial_weights import model_config
 from maskray.pipeline.train.metrics import read_metrics
 from maskray.pipeline.train.schedule import make_optimizer
-from maskray.pipeline.train.settings import TrainSettings  # noqa: E402
-from maskray.pipeline.train.shapes import write_shapes  # noqa: E402
+from maskray.pipeline.train.settings import TrainSettings
+from maskray.pipeline.train.shapes import write_shapes
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # The demo model's architecture (model/weights/README.md).
 SHAPES_OPTIONS = {"min_size": (112, 144, 128), "max_size": 192, "representation_size": 256,

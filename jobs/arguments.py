@@ -6,7 +6,9 @@ options: each field's metadata says how it is given on the command line, and
 the parsed arguments back into the dataclass (whose own checks then run). Field metadata:
 
 - ``help`` (required): the option's help; ``%(default)s`` shows the field's default.
-- ``type``: what parses the text (default: the field's type, ``int``, ``float`` or ``str``).
+- ``type``: what parses the text (default: the field's type, ``int``, ``float`` or ``str``). A
+  number's range is never checked here but by the dataclass (``validate`` or ``__post_init__``),
+  so that the command line and the Python API refuse the same values with the same message.
 - ``choices``, ``metavar``, ``nargs``, ``action``: as in ``add_argument``.
 - ``flag``: the option's name when it is not ``--field-name`` (``--no-amp``, ``--model-option``).
 - ``dest``: the namespace attribute when it is not the field's name.

@@ -1,4 +1,4 @@
-"""``maskray make-shapes OUT``: a synthetic instance-segmentation set (see pipeline/shapes.py).
+"""``maskray make-shapes OUT``: a synthetic instance-segmentation set (see pipeline/train/shapes.py).
 
 Writes ``OUT/images/*.png`` and ``OUT/annotations.json`` (COCO instances with exact RLE masks)
 of overlapping circles, squares, triangles, stars and hexagons on textured backgrounds. The
@@ -8,7 +8,7 @@ same seed gives the same images; another seed gives a held-out set.
 import argparse
 import sys
 
-from maskray.jobs.cli import error_line, reports_user_errors
+from maskray.jobs.cli import reports_user_errors
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,14 +23,7 @@ def run(args: argparse.Namespace) -> int:
     from maskray.pipeline.storage import public_url
     from maskray.pipeline.train.shapes import parse_size, write_shapes
 
-    try:
-        size = parse_size(args.size)
-    except ValueError as error:
-        # On stdout, as this command always said it (tests/test_shapes.py reads it there); every
-        # other error goes through the one catch, to stderr.
-        print(error_line("make-shapes", error))
-        return 2
-    summary = write_shapes(args.out, args.count, args.seed, size, progress=True)
+    summary = write_shapes(args.out, args.count, args.seed, parse_size(args.size), progress=True)
     print(f"maskray make-shapes: {summary['images']} images, {summary['instances']} instances -> "
           f"{public_url(args.out)} (annotations.json, images/)")
     return 0

@@ -101,19 +101,25 @@ def is_maskray_checkpoint(state: Any) -> bool:
     return isinstance(state, dict) and state.get("format") == FORMAT
 
 
-def load_checkpoint(path: str | Path | BinaryIO, map_location: str | torch.device = "cpu") -> MaskRCNN:
-    """A model in eval mode from a maskray checkpoint."""
+def checked_checkpoint(state: Any, source: object = "checkpoint") -> dict[str, Any]:
+    """``state`` (a loaded file) if it is a maskray checkpoint of a format this maskray reads;
+    ValueError naming ``source`` (a path, a named file or a label) if not."""
+    if not is_maskray_checkpoint(state):
+        raise ValueError(f"{_describe(source)}: not a maskray checkpoint (for a torchvision state dict use "
+                         "MaskRCNN.from_torchvision)")
+    if state.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{_describe(source)}: checkpoint format {state['format_version']} is newer than this "
+                         "maskray reads")
+    return state
+
+
+def model_from_state(state: Any, source: object = "checkpoint") -> MaskRCNN:
+    """The model (eval mode, inference layout) of an already loaded maskray checkpoint; ``source``
+    names it in errors. ``MaskRCNN.load`` and the jobs' weights reader both build models here."""
     from maskray.model.mask_rcnn import MaskRCNN
 
-    state = safe_load(path, map_location)
-    if not is_maskray_checkpoint(state):
-        raise ValueError(
-            f"{_describe(path)}: not a maskray checkpoint (for a torchvision state dict use MaskRCNN.from_torchvision)"
-        )
-    if state.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{_describe(path)}: checkpoint format {state['format_version']} is newer than this maskray reads")
-    config = MaskRCNNConfig.from_dict(state["config"])
-    model = MaskRCNN(config)
+    state = checked_checkpoint(state, source)
+    model = MaskRCNN(MaskRCNNConfig.from_dict(state["config"]))
     model.load_state_dict(float32_state_dict(state))
     return model.eval().to_inference_layout()
 

@@ -164,9 +164,9 @@ class MaskRCNN(nn.Module):
     @classmethod
     def load(cls, path: str | Path | BinaryIO, map_location: str | torch.device = "cpu") -> MaskRCNN:
         """A model from :meth:`save`'s file, in eval mode; read with ``weights_only=True``."""
-        from maskray.model.checkpoint import load_checkpoint
+        from maskray.model.checkpoint import model_from_state, safe_load
 
-        return load_checkpoint(path, map_location=map_location)
+        return model_from_state(safe_load(path, map_location), path)
 
 
 def _coco_names(num_classes: int) -> tuple[str, ...]:

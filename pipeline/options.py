@@ -2,7 +2,10 @@
 values and the help they share. Each parser's error reads like argparse's own, never a traceback.
 
 The settings dataclasses (``maskray.pipeline.segment.settings``, ``maskray.pipeline.train.settings``)
-name these in their fields' metadata; ``maskray.jobs.arguments`` turns the fields into options.
+name these in their fields' metadata for values that are not plain numbers (JSON, KEY=VALUE);
+``maskray.jobs.arguments`` turns the fields into options. Their numbers are parsed as plain int
+or float and their ranges checked by the dataclasses themselves, in one place. ``positive_int``
+is for the small commands whose options are not a dataclass (demo, evaluate, show).
 This module imports nothing heavy, so that ``--help`` comes back at once.
 """
 
@@ -31,16 +34,6 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
     return value
 
 

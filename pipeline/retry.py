@@ -28,9 +28,12 @@ _PERMANENT_TYPES = (FileNotFoundError, IsADirectoryError, NotADirectoryError, Fi
                     ValueError, TypeError, AttributeError, NotImplementedError)
 # OSError numbers that s3fs (and the local disk) use for a request that is wrong, not unlucky:
 # a bad argument, a name too long, an object too large, an operation not allowed, a redirect
-# to another region, a full disk.
-_PERMANENT_ERRNOS = {errno.EINVAL, errno.ENAMETOOLONG, errno.EMSGSIZE, errno.ENOSYS, errno.EPERM, errno.EACCES,
-                     errno.ENOENT, errno.ENOSPC, errno.EROFS, getattr(errno, "EREMCHG", errno.ENOENT)}
+# to another region, a full disk or quota, a file too large, a rename across file systems, a
+# loop of links, too many links, a folder not empty, a closed file. By name: not every
+# platform has each.
+_PERMANENT_ERRNOS = {getattr(errno, name) for name in (
+    "EINVAL", "ENAMETOOLONG", "EMSGSIZE", "ENOSYS", "EPERM", "EACCES", "ENOENT", "ENOSPC", "EROFS", "EREMCHG",
+    "EDQUOT", "EFBIG", "EXDEV", "ELOOP", "EMLINK", "ENOTEMPTY", "EBADF") if hasattr(errno, name)}
 # Client-side errors that mean "no answer came" (botocore, aiohttp, fsspec, http.client), by
 # name, so that this module imports none of the storage backends.
 _TRANSIENT_NAMES = {"ConnectionClosedError", "EndpointConnectionError", "ReadTimeoutError", "ConnectTimeoutError",

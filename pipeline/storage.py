@@ -4,15 +4,19 @@ Every URL a user gives (``s3://bucket/prefix``, ``gs://...``, ``/local/dir``, ``
 goes through ``open_url``, which returns the fsspec filesystem and the path inside it. Storage
 options (endpoint, credentials, ...) are passed through to fsspec and never stored or printed:
 ``redact`` removes their secret values from any text that may reach a log, a manifest or an
-error row, and ``public_url`` strips credentials written into a URL itself.
+error row, ``public_url`` strips credentials written into a URL itself, and
+``without_url_credentials`` those of URLs that an error's text repeats.
 
-Every read, write and listing that a job makes (segmentation, training, evaluation) goes through
-the functions at the end of this module: ``read_object`` / ``read_bytes``, ``write_bytes_atomically``,
-``list_files`` / ``glob_files`` / ``path_type``. Each is tried again after a failure that may
-pass, by the one policy ``maskray.pipeline.retry.STORAGE_RETRY``, and one that does not pass
-raises a StorageError of one line that names the object (never a credential). A missing object
-is not a failure of storage: it is raised as it came (FileNotFoundError), for the caller to
-turn into an error row, a default or its own message.
+The reads, writes and listings that the jobs make themselves (segmentation, training,
+evaluation, query, show) go through the functions at the end of this module: ``read_object`` /
+``read_bytes``, ``write_bytes_atomically``, ``list_files`` / ``glob_files`` / ``path_type``, and
+``check_reachable``. Each is tried again after a failure that may pass, by the one policy
+``maskray.pipeline.retry.STORAGE_RETRY``, and one that does not pass raises a StorageError of one
+line that names the object (never a credential). A missing object is not a failure of storage:
+it is raised as a FileNotFoundError (``read_object``: naming the URL), for the caller to turn
+into an error row, a default or its own message. What reads storage through fsspec without this
+layer (streams that a whole read would not fit, Parquet read by pyarrow and DuckDB, Ray Train's
+checkpoints) is listed in RELIABILITY.md.
 """
 
 import os
@@ -38,6 +42,11 @@ _SECRET_NAME = re.compile(r"(secret|token|password|passwd|key|credential|signatu
 _PUBLIC_NAMES = {"key_prefix", "sse_kms_key_id_public"}
 # Query parameters of a URL whose values are secrets (pre-signed S3 and GCS URLs, Azure SAS).
 _SECRET_QUERY_NAME = re.compile(r"(signature|credential|security-token|token|sig$|^sig|secret|key|password)", re.IGNORECASE)
+# A query field (``?name=value``, ``&name=value``, and ``;name=`` of an XML body's ``&amp;``)
+# anywhere in a text, such as a URL that an error message repeats (aiohttp's ``url='https://...'``).
+_QUERY_FIELD_IN_TEXT = re.compile(r"([?&;])([^=&?#\s'\"]+)=([^&#\s'\"<>()\]]*)")
+# The user name and password of a URL anywhere in a text (``scheme://user:secret@host``).
+_USERINFO_IN_TEXT = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@'\"]+@")
 # Environment variables whose values are secrets, redacted wherever they appear.
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "GOOGLE_APPLICATION_CREDENTIALS",
                "AZURE_STORAGE_KEY", "AZURE_STORAGE_SAS_TOKEN", "AZURE_STORAGE_CONNECTION_STRING")
@@ -142,8 +151,19 @@ def public_url(url: str) -> str:
     return urlunsplit(parts)
 
 
+def without_url_credentials(text: str, url: str | None = None) -> str:
+    """``text`` with ``url`` written as ``public_url`` writes it, and with the credentials of any
+    other URL in it (a user name and password, secret query fields) replaced by ``***``: storage
+    clients repeat the URL they were given, pre-signed signature and all, in their errors."""
+    if url:
+        text = text.replace(url, public_url(url))
+    text = _USERINFO_IN_TEXT.sub(r"\1***@", text)
+    return _QUERY_FIELD_IN_TEXT.sub(lambda m: f"{m[1]}{m[2]}=***" if _SECRET_QUERY_NAME.search(m[2]) else m[0], text)
+
+
 def describe_storage_error(url: str, error: BaseException) -> str:
-    """A one-line explanation of why ``url`` could not be reached, from fsspec/botocore's error."""
+    """A one-line explanation of why ``url`` could not be reached, from fsspec/botocore's error;
+    without the credentials that ``url`` or the error's text may hold (``without_url_credentials``)."""
     text = f"{type(error).__name__}: {error}"
     # Matched without the URL itself: a key such as img-4031.jpg must not read as a 403.
     path = url.split("://", 1)[-1]
@@ -168,7 +188,7 @@ def describe_storage_error(url: str, error: BaseException) -> str:
         reason = "it does not exist"
     else:
         reason = "the storage failed"
-    return f"{public_url(url)}: {reason} ({text})"
+    return f"{public_url(url)}: {reason} ({without_url_credentials(text, url)})"
 
 
 def _error_code(error: BaseException) -> str:
@@ -186,22 +206,22 @@ def check_reachable(url: str, fs: AbstractFileSystem, path: str, *, must_exist: 
 
     On an object store the bucket must exist and answer with these credentials (one HEAD
     request); for an input (``must_exist``) the path itself must exist too. An output path may
-    be new. Raises StorageError with a one-line reason.
+    be new. Raises StorageError with a one-line reason, past the retries of ``retry.STORAGE_RETRY``
+    for a failure that may pass.
     """
-    try:
-        if has_buckets(fs):
-            bucket = path.split("/", 1)[0]
-            try:
-                fs.info(bucket)  # s3fs and gcsfs: a HEAD of the bucket
-            except FileNotFoundError:
-                raise StorageError(f"{public_url(url)}: the bucket {bucket!r} does not exist") from None
-        # A glob need not exist as a path: the folder it starts from must.
-        if must_exist and not fs.exists(glob_base(path)):
-            raise StorageError(f"{public_url(url)}: no such file or prefix")
-    except StorageError:
-        raise
-    except Exception as error:  # noqa: BLE001 - botocore, aiohttp and fsspec raise many kinds
-        raise StorageError(describe_storage_error(url, error)) from None
+    # Retried like every other call: one 503 must neither fail the job nor read as "not there".
+    if has_buckets(fs):
+        bucket = path.split("/", 1)[0]
+        try:
+            retried(lambda: fs.info(bucket), url, None)  # s3fs and gcsfs: a HEAD of the bucket
+        except MISSING:
+            raise StorageError(f"{public_url(url)}: the bucket {bucket!r} does not exist") from None
+    # A glob need not exist as a path: the folder it starts from must.
+    if must_exist:
+        try:
+            retried(lambda: fs.info(glob_base(path)), url, None)
+        except MISSING:
+            raise StorageError(f"{public_url(url)}: no such file or prefix") from None
 
 
 # Reading, writing, listing ----------------------------------------------------------------------
@@ -209,8 +229,19 @@ def check_reachable(url: str, fs: AbstractFileSystem, path: str, *, must_exist: 
 # What a call raises when the object is not there: the caller's to handle, never retried or wrapped.
 MISSING = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
 # The names of ``write_bytes_atomically``'s temporary files on a local disk: hidden, and never
-# a name a job reads (part files, markers and JSON files do not start with a dot).
-_TEMPORARY_PREFIX, _TEMPORARY_SUFFIX = ".", ".tmp"
+# a name a job reads (part files, markers and JSON files do not start with a dot). Matched
+# exactly when they are cleaned up: the folder may be the user's own (``--output .``), with
+# ``.tmp`` files of its own.
+_TEMPORARY_NAME = re.compile(r"\..+\.[0-9a-f]{32}\.tmp")
+
+
+class NotAFileError(FileNotFoundError, IsADirectoryError):
+    """``read_object`` of a folder: there is no file at the URL. Caught as FileNotFoundError (as
+    a missing file is) and as IsADirectoryError."""
+
+
+def _temporary_name(name: str) -> str:
+    return f".{name}.{uuid.uuid4().hex}.tmp"
 
 
 def location(fs: AbstractFileSystem, path: str) -> str:
@@ -218,11 +249,12 @@ def location(fs: AbstractFileSystem, path: str) -> str:
     return path if is_local(fs) else full_url(fs, path)
 
 
-def _retried(operation: Callable[[], T], url: str, action: str | None,
-             passes: tuple[type[BaseException], ...] = MISSING) -> T:
+def retried(operation: Callable[[], T], url: str, action: str | None,
+            passes: tuple[type[BaseException], ...] = MISSING) -> T:
     """``operation()`` under ``retry.STORAGE_RETRY``. ``passes``: raised as they came; any other
     failure becomes StorageError "cannot ACTION URL: reason (tries)" (StorageWriteError for a
-    write that kept failing for reasons that may pass)."""
+    write that kept failing for reasons that may pass). For the storage calls that the functions
+    below do not make (the shard plan's reads of one row group at a time)."""
     policy = retry.STORAGE_RETRY  # read at each call, so that tests can shorten the waits
     try:
         return retry_call(operation, policy)
@@ -236,12 +268,15 @@ def _retried(operation: Callable[[], T], url: str, action: str | None,
 
 def read_object(url: str, storage_options: Mapping[str, Any] | None = None) -> bytes:
     """The whole object at ``url`` (a path or fsspec URL), of any size (s3fs fetches a large one
-    in parallel ranges). A missing object raises FileNotFoundError naming the URL; any other
-    failure, StorageError "URL: reason (tries)", for the caller to say what the object was for."""
+    in parallel ranges). A missing object raises FileNotFoundError "URL: no such file", a folder
+    NotAFileError (a FileNotFoundError) "URL: is a folder, not a file"; any other failure,
+    StorageError "URL: reason (tries)", for the caller to say what the object was for."""
     fs, path = open_url(url, storage_options)
     try:
-        return _retried(lambda: fs.cat_file(path), url, None)
-    except FileNotFoundError:
+        return retried(lambda: fs.cat_file(path), url, None)
+    except IsADirectoryError:
+        raise NotAFileError(f"{public_url(url)}: is a folder, not a file") from None
+    except MISSING:  # NotADirectoryError: a part of the path is a file, so no such file either
         raise FileNotFoundError(f"{public_url(url)}: no such file") from None
 
 
@@ -253,7 +288,7 @@ def read_bytes(fs: AbstractFileSystem, path: str, url: str | None = None) -> byt
     URL: reason (tries)". ``url`` names the object in messages (default: its location)."""
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     options = {"max_concurrency": 1} if "s3" in protocols else {}
-    return _retried(lambda: fs.cat_file(path, **options), url or location(fs, path), "read")
+    return retried(lambda: fs.cat_file(path, **options), url or location(fs, path), "read")
 
 
 def write_bytes_atomically(fs: AbstractFileSystem, path: str, data: bytes) -> None:
@@ -265,13 +300,13 @@ def write_bytes_atomically(fs: AbstractFileSystem, path: str, data: bytes) -> No
     last try of a failure that may pass, StorageError for one that cannot (refused access, a full disk)."""
     local = is_local(fs)
     operation = (lambda: _replace_local_file(fs, path, data)) if local else (lambda: fs.pipe_file(path, data))
-    _retried(operation, location(fs, path), "write", passes=())
+    retried(operation, location(fs, path), "write", passes=())
 
 
 def _replace_local_file(fs: AbstractFileSystem, path: str, data: bytes) -> None:
     parent, name = path.rsplit("/", 1)
     fs.makedirs(parent, exist_ok=True)
-    temporary = join(parent, f"{_TEMPORARY_PREFIX}{name}.{uuid.uuid4().hex}{_TEMPORARY_SUFFIX}")
+    temporary = join(parent, _temporary_name(name))
     try:
         with open(temporary, "wb") as f:
             f.write(data)
@@ -294,12 +329,13 @@ def _fsync_directory(path: str) -> None:
 
 def remove_temporary_files(fs: AbstractFileSystem, folder: str) -> None:
     """Deletes the temporary files that ``write_bytes_atomically`` left in ``folder`` when its
-    writer was killed between writing and renaming (only local disks have them). Readers never
-    see them, but they are litter. Call it only when no writer is at work in ``folder``."""
+    writer was killed between writing and renaming (only local disks have them): the names it
+    makes (``.NAME.<32 hex digits>.tmp``) and no other, since ``folder`` may be the user's.
+    Readers never see them, but they are litter. Call it only when no writer is at work in ``folder``."""
     if not is_local(fs) or not os.path.isdir(folder):
         return
     for name in os.listdir(folder):
-        if name.startswith(_TEMPORARY_PREFIX) and name.endswith(_TEMPORARY_SUFFIX):
+        if _TEMPORARY_NAME.fullmatch(name):
             try:
                 os.remove(join(folder, name))
             except FileNotFoundError:  # its writer renamed it after all
@@ -315,7 +351,7 @@ def list_files(fs: AbstractFileSystem, path: str, recursive: bool = False) -> li
         return fs.find(path) if recursive else fs.ls(path, detail=False)
 
     try:
-        return _retried(listing, location(fs, path), "list")
+        return retried(listing, location(fs, path), "list")
     except FileNotFoundError:
         return []
 
@@ -323,7 +359,7 @@ def list_files(fs: AbstractFileSystem, path: str, recursive: bool = False) -> li
 def glob_files(fs: AbstractFileSystem, pattern: str) -> list[str]:
     """The paths of the files (not folders) that the glob ``pattern`` matches."""
     # With their types: no request per match.
-    matched = _retried(lambda: fs.glob(pattern, detail=True), location(fs, pattern), "list")
+    matched = retried(lambda: fs.glob(pattern, detail=True), location(fs, pattern), "list")
     return [p for p, info in matched.items() if info.get("type") == "file"]
 
 
@@ -332,6 +368,6 @@ def path_type(fs: AbstractFileSystem, path: str) -> str | None:
     ``path`` is neither. Unlike fsspec's isfile and isdir, a failure of storage is retried and
     raised, never taken for "not there"."""
     try:
-        return _retried(lambda: fs.info(path), location(fs, path), "read").get("type")
+        return retried(lambda: fs.info(path), location(fs, path), "read").get("type")
     except MISSING:
         return None

@@ -14,7 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from maskray.pipeline.storage import StorageError, public_url, read_object
+from maskray.pipeline.errors import StorageError
+from maskray.pipeline.storage import MISSING, public_url, read_object
 
 
 @dataclass(frozen=True)
@@ -36,11 +37,12 @@ class Weights:
 
 
 def read_weights(url: str, storage_options: Mapping[str, Any] | None = None, flag: str = "--weights") -> Weights:
-    """The weights file at ``url``; FileNotFoundError or StorageError (retried first) naming ``flag`` and the URL."""
+    """The weights file at ``url``; the MISSING kinds (no such file, a folder, a path through a
+    file) or StorageError (retried first), each naming ``flag`` and the URL."""
     try:
         data = read_object(url, storage_options)
-    except FileNotFoundError as error:
-        raise FileNotFoundError(f"{flag} {error}") from None
+    except MISSING as error:  # of the kind it came as (a folder: also a FileNotFoundError), named by read_object
+        raise type(error)(f"{flag} {error}") from None
     except StorageError as error:
         raise StorageError(f"{flag} {error}") from None
     return Weights(public_url(url), hashlib.sha256(data).hexdigest(), data, flag)
@@ -48,15 +50,10 @@ def read_weights(url: str, storage_options: Mapping[str, Any] | None = None, fla
 
 def load_state(weights: Weights) -> Any:
     """What the file holds (a maskray checkpoint, a state dict, ...), loaded with ``weights_only=True``;
-    ValueError for a file that is not one torch loads that way, pickled code included, and for a
-    maskray checkpoint of a format newer than this maskray reads."""
-    from maskray.model.checkpoint import FORMAT_VERSION, is_maskray_checkpoint, safe_load
+    ValueError naming the flag and the file for one that torch does not load that way, pickled code included."""
+    from maskray.model.checkpoint import safe_load
 
-    state = safe_load(weights.open())
-    if is_maskray_checkpoint(state) and state.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{weights.label}: checkpoint format {state['format_version']} is newer than this "
-                         "maskray reads")
-    return state
+    return safe_load(weights.open())
 
 
 def torchvision_state_dict(weights: Weights, state: Any) -> dict:
@@ -78,11 +75,11 @@ def build_model(weights: Weights, overrides: Mapping[str, Any] | None = None, de
     changed (e.g. ``box_score_thresh``), on ``device``. Raises ValueError naming the flag and the
     file for anything that is neither a maskray checkpoint nor a torchvision state dict."""
     from maskray.model import MaskRCNN
-    from maskray.model.checkpoint import is_maskray_checkpoint
+    from maskray.model.checkpoint import is_maskray_checkpoint, model_from_state
 
     state = load_state(weights)
     if is_maskray_checkpoint(state):
-        model = MaskRCNN.load(weights.open())  # decoded again, by the one code that makes a checkpoint a model
+        model = model_from_state(state, weights.label)
     else:
         model = MaskRCNN.from_torchvision(torchvision_state_dict(weights, state))
     if overrides:

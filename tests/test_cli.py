@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import types
+import typing
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,13 @@ def test_choices_come_from_the_settings():
 
 @pytest.mark.parametrize("argv, message", [
     (["train", *TRAIN_REQUIRED, "--lr", "0"], "maskray train: error: lr must be positive (got 0.0)"),
+    (["train", *TRAIN_REQUIRED, "--workers", "0"], "maskray train: error: workers must be at least 1 (got 0)"),
+    (["segment", *SEGMENT_REQUIRED, "--batch-size", "0"],
+     "maskray segment: error: batch_size must be at least 1, got 0"),
+    (["segment", *SEGMENT_REQUIRED, "--num-actors", "-1"],
+     "maskray segment: error: num_actors must be at least 1, got -1"),
+    (["segment", *SEGMENT_REQUIRED, "--score-threshold", "2"],
+     "maskray segment: error: score_threshold must be in [0, 1], got 2.0"),
     (["train", *TRAIN_REQUIRED, "--val-json", "v.json"],
      "maskray train: error: validation needs both --val-json and --val-images"),
     (["segment", *SEGMENT_REQUIRED, "--actor-start-timeout", "0"],
@@ -95,6 +103,26 @@ def test_a_value_the_settings_refuse_is_one_line_and_exit_status_2(argv, message
     assert cli.main(argv) == 2
     captured = capsys.readouterr()
     assert captured.err.splitlines() == [message] and captured.out == ""
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", *TRAIN_REQUIRED, "--workers", "two"], "argument --workers: invalid int value: 'two'"),
+    (["segment", *SEGMENT_REQUIRED, "--batch-size", "0.5"], "argument --batch-size: invalid int value: '0.5'"),
+    (["segment", *SEGMENT_REQUIRED, "--score-threshold", "high"], "argument --score-threshold: invalid float value"),
+])
+def test_a_value_that_is_not_a_number_is_argparses_usage_error(argv, message, capsys):
+    with pytest.raises(SystemExit) as exited:
+        cli.main(argv)
+    assert exited.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("settings_class", [SegmentJob, TrainSettings])
+def test_numbers_are_parsed_plain_and_their_ranges_checked_by_the_settings_alone(settings_class):
+    numbers = (int, float, int | None, float | None)
+    hints = typing.get_type_hints(settings_class)
+    for field in dataclasses.fields(settings_class):
+        if hints[field.name] in numbers:
+            assert "type" not in field.metadata, f"{field.name}: its range is the dataclass's to check"
 
 
 @pytest.mark.parametrize("command", ["segment", "train"])
@@ -193,3 +221,32 @@ def test_weights_errors_name_the_flag_and_the_file(tmp_path):
             build_model(read_weights(str(tmp_path / name)))
         with pytest.raises(ValueError, match=f"^--init {path}: {message}"):
             initial_state(read_weights(str(tmp_path / name), flag="--init"))
+
+
+def test_a_folder_or_a_path_through_a_file_as_weights_names_the_flag_and_the_file(tmp_path):
+    from maskray.pipeline.weights import read_weights
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    # Still the kind read_object raised (a folder: IsADirectoryError, and FileNotFoundError too).
+    with pytest.raises(IsADirectoryError, match=f"^--weights {re.escape(str(folder))}: "):
+        read_weights(str(folder))
+    (tmp_path / "model.pt").write_bytes(b"")
+    through_a_file = tmp_path / "model.pt" / "inner.pt"
+    with pytest.raises(OSError, match=f"^--init {re.escape(str(through_a_file))}: "):
+        read_weights(str(through_a_file), flag="--init")
+
+
+def test_a_maskray_checkpoint_is_decoded_once(tmp_path, monkeypatch):
+    import torch
+
+    from maskray.model import MaskRCNN, MaskRCNNConfig
+    from maskray.pipeline.weights import build_model, read_weights
+
+    MaskRCNN(MaskRCNNConfig.light(3, ("__background__", "a", "b"))).save(tmp_path / "model.pt")
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: loads.append(args) or real_load(*args, **kwargs))
+    model = build_model(read_weights(str(tmp_path / "model.pt")), {"box_score_thresh": 0.5})
+    assert len(loads) == 1
+    assert model.config.class_names == ("__background__", "a", "b") and model.config.box_score_thresh == 0.5

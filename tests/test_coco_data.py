@@ -1,4 +1,4 @@
-"""COCO training data (pipeline/coco.py): targets as pycocotools sees them, from local folders
+"""COCO training data (pipeline/train/coco.py): targets as pycocotools sees them, from local folders
 and buckets, and bad data refused or counted, never silently wrong.
 
 Oracle: pycocotools' COCO API on the same JSON (annToMask, the bbox it holds).

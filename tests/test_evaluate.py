@@ -1,4 +1,4 @@
-"""COCO evaluation (pipeline/evaluation.py, maskray evaluate) agrees with COCOeval run directly
+"""COCO evaluation (pipeline/train/evaluation.py, maskray evaluate) agrees with COCOeval run directly
 on the same results file.
 
 Oracle: pycocotools' COCO.loadRes + COCOeval, called here by hand on the JSON files written.

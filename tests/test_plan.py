@@ -1,12 +1,16 @@
 """Listing, shard plan, part-file commits and the manifest: the pieces that make a job
 deterministic and resumable, on a local folder and on the loopback S3 server."""
 
+import io
 import json
+import uuid
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from fsspec.implementations.memory import MemoryFileSystem
 
+from maskray.pipeline.errors import StorageError
 from maskray.pipeline.segment.listing import list_images
 from maskray.pipeline.segment.manifest import Manifest, identity_mismatch
 from maskray.pipeline.segment.output import (
@@ -14,11 +18,12 @@ from maskray.pipeline.segment.output import (
     commit_shard,
     finished_shards,
     part_path,
+    remove_interrupted_writes,
     table_to_parquet_bytes,
-    write_bytes_atomically,
 )
-from maskray.pipeline.segment.plan import Plan
-from maskray.pipeline.storage import open_url
+from maskray.pipeline.segment.plan import PLAN_FILE, Plan
+from maskray.pipeline.storage import open_url, write_bytes_atomically
+from tests.test_storage import _throttled, failing_first, no_waits  # noqa: F401 - no_waits is a fixture
 
 NAMES = ["b/2.JPG", "a/1.png", "a/0.jpeg", "c.webp", "notes.txt", "d/e/f.tif", "x.gif", "y.bmp", "data.csv"]
 
@@ -84,6 +89,62 @@ def test_plan_shards_cover_every_image_once(tmp_path, count, shard_size):
     assert [s.index for s in plan.shards(skip={0})] == list(range(1, plan.num_shards))
     with pytest.raises(IndexError):
         plan.shard(plan.num_shards)
+
+
+def test_plan_reads_are_retried_and_a_failure_is_never_no_plan(no_waits, monkeypatch):  # noqa: F811
+    """Whether a plan exists: a 503 is retried, and one that persists raises rather than reading
+    as "no plan" (a resume would plan the output again). The driver's reads of the plan, its
+    footer and each shard's row group while the job runs, are retried too."""
+    fs, output = MemoryFileSystem(skip_instance_cache=True), f"/out-{uuid.uuid4().hex[:8]}"
+    assert not Plan.exists(fs, output)
+    uris = [f"s3://b/{i:04d}.jpg" for i in range(10)]
+    shards = list(Plan.create(fs, output, uris, 3).shards())
+    calls = failing_first(monkeypatch, fs, "info", [_throttled(), _throttled()])
+    assert Plan.exists(fs, output) and len(calls) == 3
+    calls = failing_first(monkeypatch, fs, "info", [_throttled()] * 99)
+    with pytest.raises(StorageError, match=rf"cannot read memory:/*{output.lstrip('/')}/{PLAN_FILE}: .*HTTP 503"):
+        Plan.exists(fs, output)
+    assert len(calls) == no_waits
+
+    class Throttled(io.BytesIO):
+        """The plan's bytes, its next ``failures`` reads answered with a 503."""
+
+        failures = 0
+
+        def read(self, *args):
+            if Throttled.failures:
+                Throttled.failures -= 1
+                raise _throttled()
+            return super().read(*args)
+
+    stored = fs.cat_file(f"{output}/{PLAN_FILE}")
+    monkeypatch.setattr(fs, "open", lambda path, mode="rb", **kwargs: Throttled(stored))
+    Throttled.failures = 2
+    plan = Plan(fs, output)  # its footer
+    for shard in reversed(shards):
+        Throttled.failures = 2
+        assert plan.shard(shard.index) == shard
+    Throttled.failures = 99
+    with pytest.raises(StorageError, match=rf"cannot read .*{PLAN_FILE}: .*HTTP 503 SlowDown.*\({no_waits} attempts\)"):
+        plan.shard(0)
+    monkeypatch.setattr(fs, "open", lambda path, mode="rb", **kwargs: io.BytesIO(b"not parquet"))
+    with pytest.raises(pa.ArrowInvalid):  # a plan that is not Parquet: as pyarrow says it, not retried
+        Plan(fs, output)
+
+
+def test_interrupted_writes_in_the_output_itself_are_removed(tmp_path):
+    """The driver writes the manifest and the plan atomically in the output itself: a run killed
+    mid-write leaves their temporary files there, and the next one removes them; the user's own
+    files stay."""
+    fs, output = open_url(str(tmp_path))
+    (tmp_path / "instances").mkdir()
+    killed = [f"._manifest.json.{uuid.uuid4().hex}.tmp", f"._plan.parquet.{uuid.uuid4().hex}.tmp",
+              f"instances/.part-000001.parquet.{uuid.uuid4().hex}.tmp"]
+    kept = ["_manifest.json", ".notes.tmp", "instances/part-000001.parquet"]
+    for name in killed + kept:
+        (tmp_path / name).write_bytes(b"x")
+    remove_interrupted_writes(fs, output)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == sorted(kept)
 
 
 def test_atomic_write_leaves_no_temporary(tmp_path):

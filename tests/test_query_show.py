@@ -10,6 +10,8 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from maskray.jobs.cli import main
+from maskray.pipeline.errors import QueryError
 from maskray.pipeline.results.query import connect, open_table, output_totals
 from maskray.pipeline.results.show import render_overlay
 from maskray.pipeline.segment.output import IMAGES_SCHEMA, INSTANCES_SCHEMA, commit_shard, table_to_parquet_bytes
@@ -95,6 +97,27 @@ def test_empty_output_has_views_with_columns(tmp_path):
         connect(str(tmp_path / "absent"))
     with pytest.raises(ValueError, match="no table 'boxes'"):
         open_table(str(tmp_path / "out"), "boxes")
+
+
+def test_an_output_duckdb_cannot_read_is_one_line_not_a_traceback(tmp_path, capsys):
+    """A committed part that is not Parquet: DuckDB's own error (neither ValueError nor OSError)
+    becomes a QueryError naming the output and the part, which the CLI says in one line."""
+    fs, output = open_url(str(tmp_path / "out"))
+    write_output(fs, output, "file:///photos/a.png")
+    (tmp_path / "out" / "instances" / "part-000000.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(QueryError, match=rf"^{tmp_path}/out: DuckDB cannot read this output \(.*part-000000.parquet"):
+        connect(str(tmp_path / "out"))
+    assert main(["query", str(tmp_path / "out"), "select 1"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.splitlines()) == 1, captured.err
+    assert captured.err.startswith(f"maskray query: error: {tmp_path}/out: DuckDB cannot read this output")
+
+
+def test_overlay_of_an_image_gone_since_names_it(tmp_path):
+    fs, output = open_url(str(tmp_path / "out"))
+    write_output(fs, output, f"file://{tmp_path}/gone.png")
+    with pytest.raises(FileNotFoundError, match=rf"^file://{tmp_path}/gone.png: no such file \(moved or deleted"):
+        render_overlay(str(tmp_path / "out"), "gone.png")
 
 
 def test_overlay_draws_masks_where_they_are(tmp_path):

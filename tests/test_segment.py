@@ -22,12 +22,12 @@ from pycocotools import mask as mask_utils
 
 from maskray.model import MaskRCNN, MaskRCNNConfig
 from maskray.pipeline.decode import decode_image
-from maskray.pipeline.errors import JobError
+from maskray.pipeline.errors import JobError, StorageError
 from maskray.pipeline.results.query import connect, open_table
 from maskray.pipeline.segment.job import run_segment
 from maskray.pipeline.segment.plan import Plan
 from maskray.pipeline.segment.settings import SegmentJob
-from maskray.pipeline.storage import StorageError, open_url
+from maskray.pipeline.storage import open_url
 from maskray.pipeline.weights import Weights, build_model
 
 pytestmark = pytest.mark.slow
@@ -384,8 +384,10 @@ def test_runs_on_a_second_node(ray_cluster, local_input, weights_path, tmp_path)
     "argv, message",
     [
         (["segment", "in", "out"], "the following arguments are required: --weights"),
-        (["segment", "in", "out", "--weights", "w", "--batch-size", "0"], "--batch-size: must be at least 1"),
-        (["segment", "in", "out", "--weights", "w", "--score-threshold", "2"], "--score-threshold: must be between 0 and 1"),
+        # Out of range (--batch-size 0) is SegmentJob.validate's to say: tests/test_cli.py.
+        (["segment", "in", "out", "--weights", "w", "--batch-size", "two"], "--batch-size: invalid int value: 'two'"),
+        (["segment", "in", "out", "--weights", "w", "--score-threshold", "high"],
+         "--score-threshold: invalid float value"),
         (["segment", "in", "out", "--weights", "w", "--storage-options", '{"secret": "hunter22'], "--storage-options: not valid JSON"),
         (["segment", "in", "out", "--weights", "w", "--storage-options", "[1]"], "must be a JSON object"),
         (["show", "out", "a.png", "-o", "x.png", "--scale", "0"], "--scale: must be at least 1"),

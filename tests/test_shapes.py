@@ -1,4 +1,4 @@
-"""The synthetic shapes set (pipeline/shapes.py, maskray make-shapes): deterministic, and its
+"""The synthetic shapes set (pipeline/train/shapes.py, maskray make-shapes): deterministic, and its
 masks are exactly where the shapes were painted.
 
 Oracles: pycocotools reads the JSON and decodes the masks (COCO's own API); the painted pixels
@@ -138,7 +138,9 @@ def test_make_shapes_job_locally(tmp_path, capsys):
     assert make_shapes.run(parser.parse_args([str(tmp_path), "--count", "2", "--size", "64x64"])) == 0
     assert "2 images" in capsys.readouterr().out
     assert make_shapes.run(parser.parse_args([str(tmp_path), "--count", "2", "--size", "64"])) == 2
-    assert "WIDTHxHEIGHT" in capsys.readouterr().out
+    captured = capsys.readouterr()  # through the one catch of every command: one line on stderr
+    assert captured.out == "" and len(captured.err.splitlines()) == 1
+    assert captured.err.startswith("maskray make-shapes: error: ") and "WIDTHxHEIGHT" in captured.err
 
 
 @pytest.mark.parametrize("text", ["160", "0x10", "axb", "10x10x10"])

@@ -3,7 +3,10 @@ out of every message, and the storage I/O every job goes through: retried while 
 pass, never when it cannot, atomic writes."""
 
 import errno
+import http.server
 import os
+import socket
+import threading
 import uuid
 
 import pytest
@@ -12,10 +15,10 @@ from fsspec.implementations.memory import MemoryFileSystem
 from s3fs.errors import translate_boto_error
 
 from maskray.pipeline import retry as retry_module
+from maskray.pipeline.errors import StorageError, StorageWriteError
 from maskray.pipeline.retry import RetryPolicy
 from maskray.pipeline.storage import (
-    StorageError,
-    StorageWriteError,
+    NotAFileError,
     check_reachable,
     describe_storage_error,
     list_files,
@@ -97,7 +100,7 @@ def test_check_reachable_on_s3(s3):
             check_reachable(url, *open_url(url, s3.storage_options), must_exist=must_exist)
 
 
-def test_wrong_endpoint_fails_with_a_reason(s3):
+def test_wrong_endpoint_fails_with_a_reason(s3, no_waits):
     # A port nothing listens on; few retries so that the test is quick.
     options = {**s3.storage_options, "client_kwargs": {"endpoint_url": "http://127.0.0.1:9", "region_name": "us-east-1"},
                "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1}}
@@ -120,6 +123,66 @@ def test_wrong_endpoint_fails_with_a_reason(s3):
 )
 def test_describe_storage_error(error, reason):
     assert reason in describe_storage_error("s3://b/x-403-endpoint.jpg", error)
+
+
+PRESIGNED = ("https://b.s3.amazonaws.com/w.pt"
+             "?X-Amz-Credential=AKIAX%2F20261125&X-Amz-Signature=5ecre7519&X-Amz-Expires=600")
+
+
+def test_describe_storage_error_keeps_the_signature_out_of_the_errors_text():
+    """aiohttp and fsspec repeat the URL in their errors, as given or re-encoded, and an XML
+    error body may quote it: the signature and credential go in every form, harmless fields stay."""
+    texts = [f"403, message='Forbidden', url='{PRESIGNED}'",
+             "403, message='Forbidden', url=URL('https://b.s3.amazonaws.com/w.pt?X-Amz-Credential=AKIAX/20261125"
+             "&X-Amz-Signature=5ecre7519&X-Amz-Expires=600')",
+             "<Error><Request>/w.pt?X-Amz-Credential=AKIAX%2F20261125&amp;X-Amz-Signature=5ecre7519</Request></Error>",
+             "cannot connect to https://user:pa55word@b.s3.amazonaws.com/w.pt"]
+    for text in texts:
+        described = describe_storage_error(PRESIGNED, PermissionError(text))
+        assert "5ecre7519" not in described and "AKIAX" not in described and "pa55word" not in described, described
+        assert described.startswith("https://b.s3.amazonaws.com/w.pt?X-Amz-Credential=***&X-Amz-Signature=***")
+        assert "access was refused" in described
+    assert "X-Amz-Signature=***&X-Amz-Expires=600'" in describe_storage_error(PRESIGNED, PermissionError(texts[0]))
+    # Harmless query fields and plain keys stay as they are.
+    assert describe_storage_error("s3://b/k.jpg?versionId=7", OSError("b/k.jpg?versionId=7 failed")).endswith(
+        "(OSError: b/k.jpg?versionId=7 failed)")
+
+
+@pytest.fixture
+def refusing_http_server():
+    """An HTTP server on 127.0.0.1 that answers every request 403 (as S3 answers a pre-signed URL
+    that expired); yields its address."""
+
+    class Refusing(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(403)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_read_objects_error_for_a_presigned_url_has_no_signature(refusing_http_server, no_waits):
+    query = "?X-Amz-Credential=AKIAX%2F20261125&X-Amz-Signature=5ecre7519&X-Amz-Expires=600"
+    with socket.socket() as closed:  # a port nothing listens on once this is closed
+        closed.bind(("127.0.0.1", 0))
+        closed_port = closed.getsockname()[1]
+    for address, reason in ((refusing_http_server, "access was refused"),
+                            (f"127.0.0.1:{closed_port}", "cannot be reached")):
+        with pytest.raises(StorageError, match=reason) as raised:
+            read_object(f"http://{address}/w.pt{query}")
+        message = str(raised.value)
+        assert "5ecre7519" not in message and "AKIAX" not in message, message
+        assert message.startswith(f"http://{address}/w.pt?X-Amz-Credential=***&X-Amz-Signature=***&X-Amz-Expires=600: ")
 
 
 # Reading, writing, listing: the retries ------------------------------------------------------------
@@ -227,6 +290,23 @@ def test_a_missing_object_is_the_callers_to_handle(memory, no_waits, monkeypatch
     assert read_object(str(tmp_path / "x.json")) == b"{}"
 
 
+def test_read_object_of_a_folder_or_below_a_file_names_the_url(tmp_path):
+    """Not a bare "[Errno 21] Is a directory": the URL and what is wrong, as a FileNotFoundError
+    (what callers catch for a missing file); the same for a training run's COCO JSON."""
+    from maskray.pipeline.train.coco import CocoDataError, read_coco_json
+
+    with pytest.raises(NotAFileError, match=f"^{tmp_path}: is a folder, not a file$") as raised:
+        read_object(str(tmp_path))
+    assert isinstance(raised.value, FileNotFoundError) and isinstance(raised.value, IsADirectoryError)
+    (tmp_path / "x.json").write_bytes(b"{}")
+    with pytest.raises(FileNotFoundError, match=f"^{tmp_path}/x.json/inner.json: no such file$"):
+        read_object(str(tmp_path / "x.json" / "inner.json"))  # NotADirectoryError from the disk
+    with pytest.raises(CocoDataError, match=f"^{tmp_path}: is a folder, not a file$"):
+        read_coco_json(str(tmp_path))
+    with pytest.raises(CocoDataError, match=f"^{tmp_path}/x.json/a.json: no such file$"):
+        read_coco_json(str(tmp_path / "x.json" / "a.json"))
+
+
 def test_a_local_write_is_atomic_and_retried(tmp_path, no_waits, monkeypatch):
     """On a local disk: a temporary file renamed into place, tried again when the disk fails in a
     way that may pass (EIO: a network file system), not when it cannot (a full disk); the old
@@ -255,9 +335,41 @@ def test_a_local_write_is_atomic_and_retried(tmp_path, no_waits, monkeypatch):
 
 
 def test_temporary_files_of_killed_writers_are_removed(tmp_path):
-    (tmp_path / ".part-000001.parquet.0123abcd.tmp").write_bytes(b"half")
+    """Only the names write_bytes_atomically makes: the folder may be the user's own (--output .)."""
+    (tmp_path / f".part-000001.parquet.{uuid.uuid4().hex}.tmp").write_bytes(b"half")
     (tmp_path / "part-000001.parquet").write_bytes(b"whole")
-    (tmp_path / ".hidden").write_bytes(b"not ours")
+    theirs = [".hidden", ".notes.tmp", ".draft.0123abcd.tmp", f".draft.{uuid.uuid4().hex.upper()}.tmp",
+              f"notes.{uuid.uuid4().hex}.tmp", f".draft.{uuid.uuid4().hex}.tmp.bak"]
+    for name in theirs:
+        (tmp_path / name).write_bytes(b"the user's")
     remove_temporary_files(*open_url(str(tmp_path)))
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden", "part-000001.parquet"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*theirs, "part-000001.parquet"])
     remove_temporary_files(*open_url(str(tmp_path / "absent")))  # nothing to do
+
+
+def test_the_fail_fast_checks_are_retried(s3, no_waits, monkeypatch):
+    """A 503 on the bucket's HEAD or on the input's own fails nothing at once and never reads as
+    "no such bucket" or "no such file or prefix"; one that keeps coming says so, with the tries."""
+    s3.filesystem().pipe(f"{s3.name}/images/a.jpg", b"x")
+    url = s3.url("images")
+    fs, path = open_url(url, s3.storage_options)
+    info = fs.info
+    calls = failing_first(monkeypatch, fs, "info", [_throttled()] * 3)
+    check_reachable(url, fs, path, must_exist=True)
+    assert len(calls) == 5  # the bucket: three failures, then a pass; the prefix: a pass
+    monkeypatch.setattr(fs, "info", info)
+    calls = failing_first(monkeypatch, fs, "info", [_throttled()] * 99)
+    kept_throttling = rf"^{url}: the storage kept answering HTTP 503 SlowDown.*\({no_waits} attempts\)$"
+    with pytest.raises(StorageError, match=kept_throttling):
+        check_reachable(url, fs, path, must_exist=False)
+    assert len(calls) == no_waits
+
+    def throttled_below_the_bucket(target, **kwargs):
+        if target.strip("/") == s3.name:
+            return info(target, **kwargs)
+        raise _throttled()
+
+    monkeypatch.setattr(fs, "info", throttled_below_the_bucket)
+    with pytest.raises(StorageError, match=rf"^{url}: the storage kept answering HTTP 503") as raised:
+        check_reachable(url, fs, path, must_exist=True)
+    assert "no such file" not in str(raised.value)

@@ -1,4 +1,4 @@
-"""Training with Ray Train (pipeline/training.py, maskray train).
+"""Training with Ray Train (pipeline/train/, maskray train).
 
 The main test runs the job as users do, two workers (DDP over gloo) on the CPU on a small
 shapes set: it is killed with SIGKILL in the middle of an epoch, after a checkpoint; a torn
@@ -28,11 +28,12 @@ import torch
 
 from maskray.model import MaskRCNN, MaskRCNNConfig
 from maskray.model.checkpoint import safe_load
-from maskray.pipeline.errors import TrainingError
-from maskray.pipeline.train.coco import CocoDataset
-from maskray.pipeline.train.driver import recorded_checkpoint, train
+from maskray.pipeline.errors import StorageError, StorageWriteError, TrainingError
+from maskray.pipeline.train.coco import CocoDataError, CocoDataset
+from maskray.pipeline.train.driver import _worker_reason, recorded_checkpoint, train
 from maskray.pipeline.train.evaluation import coco_evaluate, predict_coco_results
-from maskray.pipeline.train.initial_weights import export_model, load_initial_weights, model_config
+from maskray.pipeline.train.export import export_model
+from maskray.pipeline.train.initial_weights import load_initial_weights, model_config
 from maskray.pipeline.train.schedule import lr_factor, steps_at_epochs
 from maskray.pipeline.train.settings import CHECKPOINT_FILE, RUN_NAME, SNAPSHOT_FILE, TrainSettings
 from maskray.pipeline.train.shapes import write_shapes
@@ -351,6 +352,44 @@ def test_from_scratch_trains_batchnorm_and_exports_it_frozen(tmp_path):
     for level in a:
         torch.testing.assert_close(a[level], b[level], rtol=1e-4, atol=1e-4)
     assert exported.config == loaded.config
+
+
+class FakeRayTaskError(Exception):
+    """What Ray's RayTaskError looks like to the driver: its traceback as the message, the worker's error as .cause."""
+
+    def __init__(self, cause: BaseException):
+        super().__init__(f"ray::_RayTrainWorker__execute.get_next() (pid=1)\n  File \"loop.py\"\n{cause!r}")
+        self.cause = cause
+
+
+class FakeDualRayTaskError(FakeRayTaskError, StorageError):
+    """Ray's as_instanceof_cause: a RayTaskError that is an instance of its cause's class too."""
+
+
+class FakeWorkerGroupError(Exception):
+    def __init__(self, worker_failures: dict):
+        super().__init__("Training failed due to worker errors:\n[Rank 0]\n...")
+        self.worker_failures = worker_failures
+
+
+@pytest.mark.parametrize("failure, message", [
+    (FakeRayTaskError(TrainingError("the loss is NaN at step 3")), "worker 0: the loss is NaN at step 3"),
+    (FakeRayTaskError(StorageError("cannot read s3://b/img/1.png: access was refused (3 tries)")),
+     "worker 0: cannot read s3://b/img/1.png: access was refused (3 tries)"),
+    (FakeRayTaskError(StorageWriteError("cannot write s3://b/run/metrics.csv: throttled")),
+     "worker 0: cannot write s3://b/run/metrics.csv: throttled"),
+    (FakeRayTaskError(CocoDataError("s3://b/train.json: 'annotations' must be a list")),
+     "worker 0: s3://b/train.json: 'annotations' must be a list"),
+    (FakeDualRayTaskError(StorageError("s3://b/x: no such bucket")), "worker 0: s3://b/x: no such bucket"),
+    (StorageError("s3://b/y: refused"), "worker 0: s3://b/y: refused"),  # Ray Train v2 hands over the error itself
+], ids=["TrainingError", "StorageError", "StorageWriteError", "CocoDataError", "dual", "bare"])
+def test_a_workers_own_error_reaches_the_user_whole_without_rays_wrapper(failure, message):
+    assert _worker_reason(FakeWorkerGroupError({0: failure})) == message
+
+
+def test_a_workers_other_error_is_rays_as_it_is():
+    error = FakeWorkerGroupError({0: FakeRayTaskError(KeyError("a bug"))})
+    assert _worker_reason(error) is error
 
 
 def test_settings_errors_name_the_option():

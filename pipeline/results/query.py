@@ -12,9 +12,20 @@ from typing import Any
 
 import pyarrow.dataset as ds
 
+from maskray.pipeline.errors import QueryError
 from maskray.pipeline.segment.output import IMAGES, INSTANCES, SCHEMAS, finished_shards, shard_of_part
 from maskray.pipeline.segment.plan import Plan
-from maskray.pipeline.storage import full_url, is_local, join, list_files, open_url, path_type, public_url
+from maskray.pipeline.storage import (
+    full_url,
+    is_local,
+    join,
+    list_files,
+    open_url,
+    path_type,
+    public_url,
+    redact,
+    secret_values,
+)
 
 TABLES = (INSTANCES, IMAGES)
 
@@ -52,15 +63,41 @@ def open_table(output_url: str, table: str, storage_options: Mapping[str, Any] |
 
 
 def connect(output_url: str, storage_options: Mapping[str, Any] | None = None, database: str = ":memory:"):
-    """A DuckDB connection with views ``instances`` and ``images`` over ``output_url``."""
+    """A DuckDB connection with views ``instances`` and ``images`` over ``output_url``. An output
+    that DuckDB cannot read (a part that is not Parquet, storage that fails under it) raises
+    QueryError naming the output."""
     import duckdb
 
     fs, output = open_url(output_url, storage_options)
     if path_type(fs, output) is None:  # retried, where fs.exists would take a 503 for "not there"
         raise FileNotFoundError(f"{public_url(output_url)}: no such output")
-    con = duckdb.connect(database)
+    try:
+        con = duckdb.connect(database)
+    except duckdb.Error as error:
+        raise _query_error(f"cannot open the database {database}", error, storage_options) from None
+    try:
+        _create_views(con, fs, output)
+    except duckdb.Error as error:  # neither ValueError nor OSError: the CLI would print a traceback
+        con.close()
+        what = f"{public_url(output_url)}: DuckDB cannot read this output"
+        raise _query_error(what, error, storage_options) from None
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
+def _query_error(what: str, error: BaseException, storage_options: Mapping[str, Any] | None) -> QueryError:
+    # DuckDB's first line says what failed and in which file; the next ones quote the SQL.
+    reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    return QueryError(redact(f"{what} ({reason})", secret_values(storage_options)))
+
+
+def _create_views(con, fs, output: str) -> None:
+    """The views ``instances`` and ``images`` over the committed parts of ``output``."""
     if not is_local(fs):
         con.register_filesystem(fs)
+
     def url(path: str) -> str:
         return full_url(fs, path) if not is_local(fs) else path
 
@@ -80,7 +117,6 @@ def connect(output_url: str, storage_options: Mapping[str, Any] | None = None, d
         else:  # no part yet: an empty view with the table's columns, so queries still run
             columns = ", ".join(f"CAST(NULL AS {_duckdb_type(f.type)}) AS {f.name}" for f in SCHEMAS[table])
             con.execute(f"CREATE VIEW {table} AS SELECT {columns} WHERE false")
-    return con
 
 
 def _quote(text: str) -> str:

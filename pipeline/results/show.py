@@ -15,7 +15,7 @@ import torch
 from maskray.pipeline.decode import decode_image
 from maskray.pipeline.results.query import open_table
 from maskray.pipeline.segment.output import IMAGES, INSTANCES
-from maskray.pipeline.storage import open_object_url
+from maskray.pipeline.storage import MISSING, open_object_url, public_url, read_bytes
 
 # Distinct, readable colours; a label keeps its colour across images.
 PALETTE = ["#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6",
@@ -58,7 +58,11 @@ def render_overlay(
         raise ValueError(f"{row['image_uri']} could not be segmented: {row['error']}")
     uri = row["image_uri"]
     fs, path = open_object_url(uri, storage_options if not uri.startswith("file://") else None)
-    picture = _enlarge(decode_image(fs.cat_file(path)), scale).contiguous()
+    try:
+        data = read_bytes(fs, path, public_url(uri))  # retried, like the job's own read of it
+    except MISSING:
+        raise FileNotFoundError(f"{public_url(uri)}: no such file (moved or deleted since it was segmented)") from None
+    picture = _enlarge(decode_image(data), scale).contiguous()
     instances = open_table(output_url, INSTANCES, storage_options).to_table(
         filter=(ds.field("image_uri") == uri) & (ds.field("score") >= min_score)
     ).sort_by("instance").to_pylist()

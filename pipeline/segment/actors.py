@@ -106,10 +106,8 @@ def make_board_class():
     return ProgressBoard
 
 
-
 def first_line(error: BaseException) -> str:
     text = str(error).strip()
     # Ray's errors carry a traceback; the last line says what happened.
     lines = [line for line in text.splitlines() if line.strip()]
     return lines[-1].strip() if lines else type(error).__name__
-

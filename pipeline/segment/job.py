@@ -19,14 +19,15 @@ import logging
 import time
 from dataclasses import dataclass
 
-from maskray.pipeline.errors import JobError
+from maskray.pipeline.errors import JobError, StorageError
 from maskray.pipeline.segment.listing import list_images
 from maskray.pipeline.segment.manifest import Manifest, identity_mismatch
 from maskray.pipeline.segment.output import finished_shards, remove_interrupted_writes
 from maskray.pipeline.segment.plan import PLAN_FILE, Plan
-from maskray.pipeline.segment.scheduler import RunStats, execute
+from maskray.pipeline.segment.scheduler import execute
 from maskray.pipeline.segment.settings import SegmentJob
-from maskray.pipeline.storage import StorageError, check_reachable, open_url, public_url, redact, secret_values
+from maskray.pipeline.segment.shardbook import RunStats
+from maskray.pipeline.storage import check_reachable, open_url, public_url, redact, secret_values
 from maskray.pipeline.weights import build_model, read_weights
 
 log = logging.getLogger("maskray.segment")

@@ -82,8 +82,10 @@ def part_path(output: str, table: str, shard: int) -> str:
 
 def remove_interrupted_writes(fs: AbstractFileSystem, output: str) -> None:
     """Deletes the temporary files that writers killed between writing and renaming left in the
-    output's folders (only local outputs have them). The shards they belonged to are uncommitted,
-    and redone."""
+    output's folders (only local outputs have them): of part files and done-markers, whose
+    shards are uncommitted and redone, and in the output itself of the manifest and the plan,
+    which the driver writes the same way."""
+    remove_temporary_files(fs, output)
     for table in (INSTANCES, IMAGES, DONE):
         remove_temporary_files(fs, join(output, table))
 

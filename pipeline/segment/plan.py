@@ -4,9 +4,11 @@ The plan is written once, when a job first runs, as ``OUTPUT/_plan.parquet`` (im
 image_uri), one Parquet row group per shard. A rerun reads it back instead of listing the
 input again, so the shards, the image ids and therefore the rows are the same even if the
 bucket changed in between; and the driver reads one shard's row group at a time, so its memory
-does not grow with the job. The plan is written in slices of many shards from the listing's
-Arrow array, never as one table of Python objects: planning a million images costs the driver
-little more than the listing itself (bench/scale.py, docs/scaling.md).
+does not grow with the job. Those reads are retried like every other storage call (one 503
+must not end a job of days), and so is the question whether a plan exists (a 503 must not
+read as "no plan", which would plan the output again). The plan is written in slices of many
+shards from the listing's Arrow array, never as one table of Python objects: planning a million
+images costs the driver little more than the listing itself (bench/scale.py, docs/scaling.md).
 """
 
 from collections.abc import Iterator, Sequence
@@ -17,8 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
-from maskray.pipeline.segment.output import write_bytes_atomically
-from maskray.pipeline.storage import join
+from maskray.pipeline.storage import MISSING, join, location, path_type, retried, write_bytes_atomically
 
 PLAN_FILE = "_plan.parquet"
 PLAN_SCHEMA = pa.schema([pa.field("image_id", pa.int64(), nullable=False), pa.field("image_uri", pa.string(), nullable=False)])
@@ -44,14 +45,18 @@ class Plan:
 
     def __init__(self, fs: AbstractFileSystem, output: str):
         self.path = join(output, PLAN_FILE)
-        self._file = pq.ParquetFile(fs.open(self.path, "rb"))
+        self._where = location(fs, self.path)
+        # A plan that is not Parquet is raised as pyarrow says (ArrowInvalid), not taken for a storage failure.
+        self._file = retried(lambda: _open_parquet(fs, self.path), self._where, "read",
+                             passes=(*MISSING, pa.ArrowInvalid))
         self.num_shards = self._file.num_row_groups
         self.num_images = self._file.metadata.num_rows
         self.shard_size = self._file.metadata.row_group(0).num_rows if self.num_shards else 0
 
     @staticmethod
     def exists(fs: AbstractFileSystem, output: str) -> bool:
-        return fs.exists(join(output, PLAN_FILE))
+        """Whether ``output`` has a plan; a storage failure is retried, then raised, never read as "no"."""
+        return path_type(fs, join(output, PLAN_FILE)) == "file"
 
     @classmethod
     def create(cls, fs: AbstractFileSystem, output: str, uris: Sequence[str] | pa.Array, shard_size: int) -> "Plan":
@@ -75,7 +80,8 @@ class Plan:
     def shard(self, index: int) -> Shard:
         if not 0 <= index < self.num_shards:
             raise IndexError(f"shard {index} is not in this plan of {self.num_shards} shards")
-        group = self._file.read_row_group(index)
+        # Read by the driver while the job runs, a row group at a time: retried like any read.
+        group = retried(lambda: self._file.read_row_group(index), self._where, "read", passes=(pa.ArrowInvalid,))
         ids = group.column("image_id")
         return Shard(index, int(ids[0].as_py()), tuple(group.column("image_uri").to_pylist()))
 
@@ -91,3 +97,13 @@ class Plan:
 
     def close(self) -> None:
         self._file.close()
+
+
+def _open_parquet(fs: AbstractFileSystem, path: str) -> pq.ParquetFile:
+    """``path`` opened as Parquet (its footer read); the file is closed again if that fails."""
+    stream = fs.open(path, "rb")
+    try:
+        return pq.ParquetFile(stream)
+    except BaseException:
+        stream.close()
+        raise

@@ -16,17 +16,7 @@ from maskray.pipeline.segment.actors import actor_layout, first_line, make_actor
 from maskray.pipeline.segment.manifest import Manifest
 from maskray.pipeline.segment.plan import Plan, Shard
 from maskray.pipeline.segment.settings import SegmentJob
-from maskray.pipeline.segment.shardbook import (
-    MAX_SHARD_ATTEMPTS,
-    FailedOnItsOwn,
-    Finished,
-    Lost,
-    Outcome,
-    RunStats,
-    ShardBook,
-)
-
-__all__ = ["MAX_SHARD_ATTEMPTS", "SHARDS_IN_FLIGHT_PER_ACTOR", "RunStats", "ShardDispatcher", "execute"]
+from maskray.pipeline.segment.shardbook import FailedOnItsOwn, Finished, Lost, Outcome, RunStats, ShardBook
 
 log = logging.getLogger("maskray.segment")
 
@@ -104,16 +94,14 @@ class ShardDispatcher:
         return self.book.result(time.monotonic())
 
     def _step(self) -> bool:
-        """Shards handed out, then one outcome waited for and acted on; False once no shard is left."""
+        """Shards handed out, then one outcome waited for and acted on; False once the book says the job is over."""
         import ray
 
         self._hand_out()
+        if self.book.finished():  # before the check for actors (see finished)
+            return False
         in_flight = {ref: slot for slot in self.slots for ref in slot.shards}
         starting = {slot.ready_ref: slot for slot in self.slots if not slot.ready}
-        # Done when nothing runs and nothing waits, even if no actor is left (the last shard may
-        # have failed for good with the last actor).
-        if not in_flight and not self.book.has_shards:
-            return False
         if not self.slots:
             raise JobError(f"no actor is left to run the remaining shards ({self.actors_made} were started; "
                            "see the errors above)")
@@ -150,7 +138,9 @@ class ShardDispatcher:
         except ray.exceptions.RayActorError as error:
             self.slots.remove(slot)
             if self.book.actor_could_not_start(first_line(error)):
-                self._replace_lost_actor()
+                # A fresh actor in its place: it starts when a node has room; until then the other
+                # actors go on, and one that never starts (its node is gone for good) holds nothing up.
+                self._start_actor()
             if not self.slots:
                 raise JobError(f"the segmentation actors could not start: {first_line(error)}") from None
             return
@@ -191,12 +181,8 @@ class ShardDispatcher:
         self.slots.remove(slot)
         ray.kill(slot.actor, no_restart=True)
         if death.replace:
-            self._replace_lost_actor()
-
-    def _replace_lost_actor(self) -> None:
-        """A fresh actor in a lost one's place. It starts when a node has room; until then the other
-        actors go on, and one that never starts (its node is gone for good) holds nothing up."""
-        self._start_actor()
+            # A fresh actor in its place, started when a node has room; the others go on meanwhile.
+            self._start_actor()
 
     def _start_actor(self) -> None:
         actor = self.actor_class.options(**self.actor_options, name=f"{self.job_name}-{self.actors_made}").remote(

@@ -1,15 +1,16 @@
 """What a segmentation job is given: the ``maskray segment`` options, with their defaults and help.
 
 ``SegmentJob`` is the one statement of them: the command line is made from its fields
-(maskray.jobs.arguments), so this module imports nothing heavy (no torch): ``maskray segment
---help`` comes back at once.
+(maskray.jobs.arguments), which parse plain numbers, and ``validate`` is the one home of their
+ranges, for the command line and callers of ``run_segment`` alike. This module imports nothing
+heavy (no torch): ``maskray segment --help`` comes back at once.
 """
 
 from dataclasses import dataclass, field
 from typing import Any
 
 from maskray.pipeline.limits import DEFAULT_MAX_PIXELS
-from maskray.pipeline.options import STORAGE_OPTIONS_HELP, fraction, positive_int, storage_options
+from maskray.pipeline.options import STORAGE_OPTIONS_HELP, storage_options
 
 
 @dataclass
@@ -26,22 +27,19 @@ class SegmentJob:
         "metavar": "CKPT", "help": "a maskray checkpoint or a torchvision Mask R-CNN state dict"})
     storage_options: dict[str, Any] = field(default_factory=dict, metadata={
         "type": storage_options, "metavar": "JSON", "help": STORAGE_OPTIONS_HELP})
-    batch_size: int = field(default=2, metadata={
-        "type": positive_int, "help": "images per model call (default %(default)s)"})
+    batch_size: int = field(default=2, metadata={"help": "images per model call (default %(default)s)"})
     shard_size: int = field(default=64, metadata={
-        "type": positive_int, "help": "images per shard, the unit of work and resume (default %(default)s)"})
+        "help": "images per shard, the unit of work and resume (default %(default)s)"})
     num_actors: int | None = field(default=None, metadata={
-        "type": positive_int, "help": "model actors (default: one per GPU, else as many as the CPUs allow)"})
+        "help": "model actors (default: one per GPU, else as many as the CPUs allow)"})
     cpus_per_actor: int | None = field(default=None, metadata={
-        "type": positive_int,
         "help": "CPUs (torch threads) per actor without GPUs (default 2, capped at the largest node)"})
     score_threshold: float | None = field(default=None, metadata={
-        "type": fraction, "help": "keep detections scoring at least this (default: the model's box_score_thresh)"})
+        "help": "keep detections scoring at least this (default: the model's box_score_thresh)"})
     max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={
-        "type": positive_int,
         "help": f"refuse images larger than this many pixels, against decompression bombs (default {DEFAULT_MAX_PIXELS:,})"})
     read_threads: int = field(default=8, metadata={
-        "type": positive_int, "help": "images each actor reads and decodes at once (default %(default)s)"})
+        "help": "images each actor reads and decodes at once (default %(default)s)"})
     address: str | None = field(default=None, metadata={
         "help": "Ray cluster to join (default: RAY_ADDRESS, else a local cluster)"})
     progress: bool = field(default=True, metadata={"help": "no progress bar"})
@@ -49,12 +47,11 @@ class SegmentJob:
         "help": "seconds to wait for the model actors to start before the job gives up (default %(default)s)"})
 
     def validate(self) -> None:
-        for name in ("batch_size", "shard_size", "max_pixels", "read_threads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("num_actors", "cpus_per_actor"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        """The one check of the values' ranges (the command line parses plain numbers): ValueError."""
+        for name in ("batch_size", "shard_size", "max_pixels", "read_threads", "num_actors", "cpus_per_actor"):
+            value = getattr(self, name)
+            if value is not None and value < 1:  # None: num_actors and cpus_per_actor left to the cluster
+                raise ValueError(f"{name} must be at least 1, got {value}")
         if self.score_threshold is not None and not 0.0 <= self.score_threshold <= 1.0:
             raise ValueError(f"score_threshold must be in [0, 1], got {self.score_threshold}")
         if not self.actor_start_timeout > 0:

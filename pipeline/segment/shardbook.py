@@ -1,6 +1,6 @@
 """The segmentation driver's bookkeeping: which shard runs next, which is charged an attempt, which
-is failed, and whether a lost actor is replaced. Plain Python, no Ray: ``scheduler`` carries its
-decisions out, and tests/test_scheduler.py checks them without a cluster."""
+is failed, whether a lost actor is replaced, and when the job is done. Plain Python, no Ray:
+``scheduler`` carries its decisions out, and tests/test_scheduler.py checks them without a cluster."""
 
 import logging
 from collections import deque
@@ -55,33 +55,53 @@ class ActorDeath:
 
 
 class ShardBook:
-    """The shards still to (re)run, the attempts charged to each, the failed ones with their reasons,
-    and the actors lost and the replacements left; the driver asks it what to do next."""
+    """The shards still to (re)run and those in flight, the attempts charged to each, the failed ones
+    with their reasons, and the actors lost and the replacements left; the driver asks it what to do next.
+
+    A shard is in flight from ``next_shard`` until its outcome (``shard_finished``, ``shard_failed``
+    or ``actor_died``); an outcome for a shard that is not in flight is refused with ValueError, so
+    that a slip in the driver cannot count a shard twice or queue it twice."""
 
     def __init__(self, todo: list[int], initial_actors: int):
         self._retry: deque[int] = deque()  # run before any fresh shard
         self._fresh: deque[int] = deque(todo)
+        self._in_flight: set[int] = set()
         self.attempts: dict[int, int] = {}
         self.stats = RunStats()
         self.replacements_left = 2 * initial_actors + 2  # actors that die are replaced, but not forever
         self.first_ready: float | None = None  # when the first actor had loaded the model
 
-    @property
-    def queued(self) -> list[int]:
-        """The shards waiting to run, in the order they will: retried first, then fresh."""
-        return [*self._retry, *self._fresh]
-
-    @property
-    def has_shards(self) -> bool:
-        """Whether any shard is still waiting to run (retried or fresh)."""
-        return bool(self._retry or self._fresh)
+    def finished(self) -> bool:
+        """Whether the job is over: no shard in flight and none waiting (to be retried or fresh).
+        The driver asks before it looks for actors: the last shard may have failed for good with
+        the last actor, and then the job is over, not stuck."""
+        return not (self._in_flight or self._retry or self._fresh)
 
     def next_shard(self) -> int | None:
+        """The shard to run next (retried ones first, then fresh), now in flight; None when none waits."""
         if self._retry:
-            return self._retry.popleft()
-        return self._fresh.popleft() if self._fresh else None
+            index = self._retry.popleft()
+        elif self._fresh:
+            index = self._fresh.popleft()
+        else:
+            return None
+        self._in_flight.add(index)
+        return index
+
+    def _check_in_flight(self, indices: list[int]) -> None:
+        """ValueError unless each of ``indices`` is in flight, and named once."""
+        stray = [index for index in indices if index not in self._in_flight]
+        if stray or len(set(indices)) != len(indices):
+            raise ValueError(f"shards {stray or indices} are not in flight (once each): an outcome comes only "
+                             "for a shard handed out by next_shard")
+
+    def _land(self, index: int) -> None:
+        """Shard ``index``, in flight, has its outcome (refused with ValueError if it was not in flight)."""
+        self._check_in_flight([index])
+        self._in_flight.remove(index)
 
     def shard_finished(self, index: int, summary: dict) -> None:
+        self._land(index)
         self.stats.images += summary["images"]
         self.stats.shards += 1
         self.stats.nodes.add(summary["node"])
@@ -89,6 +109,7 @@ class ShardBook:
     def shard_failed(self, index: int, reason: str) -> bool:
         """Charges shard ``index`` an attempt; True if it is queued again, False if it has had its
         MAX_SHARD_ATTEMPTS and is failed with ``reason``. Either way it starts again from zero."""
+        self._land(index)
         self.attempts[index] = self.attempts.get(index, 0) + 1
         if self.attempts[index] >= MAX_SHARD_ATTEMPTS:
             self.stats.failed[index] = reason
@@ -117,6 +138,7 @@ class ShardBook:
         is the order they ran in: those before the one it was running had finished, that one is
         charged an attempt, and those queued behind it never ran, so they go back, uncharged, to
         the front of the queue. One that failed on its own is charged its own reason."""
+        self._check_in_flight([index for index, _ in shards])  # before any is counted
         finished, restarted, never_ran = [], [], []
         charged = False
         for index, outcome in shards:
@@ -128,6 +150,7 @@ class ShardBook:
             if isinstance(outcome, FailedOnItsOwn):
                 self.shard_failed(index, outcome.reason)
             elif charged:
+                self._land(index)
                 never_ran.append(index)
             else:
                 self.shard_failed(index, f"its actor died: {reason}")

@@ -1,7 +1,7 @@
 """One shard from storage to Parquet: read, decode, batch, Mask R-CNN, rows, commit.
 
 ``ShardWorker`` is plain Python (the benchmark and tests use it without Ray); the Ray actor in
-``pipeline.segment`` holds one. Reading and decoding overlap with inference: a thread pool
+``maskray.pipeline.segment.actors`` holds one. Reading and decoding overlap with inference: a thread pool
 fetches and decodes the next images (Pillow and fsspec release the GIL) while the model runs
 on the current batch, and at most ``prefetch`` decoded images wait ahead of the model, so
 memory stays bounded whatever the shard size. On a GPU the decoded images are pinned and
@@ -26,12 +26,12 @@ import pyarrow as pa
 import torch
 
 from maskray.pipeline.decode import ImageDecodeError, decode_image
+from maskray.pipeline.errors import StorageError
 from maskray.pipeline.limits import DEFAULT_MAX_PIXELS
 from maskray.pipeline.segment.output import IMAGES, IMAGES_SCHEMA, INSTANCES, INSTANCES_SCHEMA, commit_shard
 from maskray.pipeline.segment.plan import Shard
 from maskray.pipeline.storage import (
     MISSING,
-    StorageError,
     describe_storage_error,
     open_object_url,
     open_url,
@@ -142,7 +142,7 @@ class ShardWorker:
             return self.model([item.image.to(self.device, non_blocking=True) for item in batch])
         except Exception as error:  # noqa: BLE001 - a model failure on one image is its error row
             if device_is_broken(error):
-                raise  # every image after it would fail too: the actor ends itself (pipeline.segment) and is replaced
+                raise  # every image after it would fail too: the actor ends itself (segment.actors) and is replaced
             if len(batch) == 1:
                 return [f"model failed: {type(error).__name__}: {(str(error).splitlines() or [''])[0]}"]
         # The batch failed (out of memory, one odd image): each image on its own, keeping the others.

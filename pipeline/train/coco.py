@@ -58,8 +58,8 @@ def read_coco_json(url: str, storage_options: Mapping[str, Any] | None = None) -
     where = public_url(url)
     try:
         raw = read_object(url, storage_options)
-    except FileNotFoundError:
-        raise CocoDataError(f"{where}: no such file") from None
+    except MISSING as error:  # read_object's message names the URL: "no such file", "is a folder, not a file"
+        raise CocoDataError(str(error)) from None
     if not raw.strip():
         raise CocoDataError(f"{where}: the file is empty (expected a COCO instances JSON)")
     try:

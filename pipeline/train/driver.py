@@ -26,7 +26,7 @@ from typing import Any
 from maskray.model import MaskRCNN
 from maskray.model.checkpoint import safe_load
 from maskray.pipeline.cluster import connect_ray
-from maskray.pipeline.errors import TrainingError
+from maskray.pipeline.errors import MaskrayError, TrainingError
 from maskray.pipeline.storage import (
     join,
     list_files,
@@ -38,7 +38,8 @@ from maskray.pipeline.storage import (
     secret_values,
     write_bytes_atomically,
 )
-from maskray.pipeline.train.initial_weights import export_model, initial_state, load_initial_weights, model_config
+from maskray.pipeline.train.export import export_model
+from maskray.pipeline.train.initial_weights import initial_state, load_initial_weights, model_config
 from maskray.pipeline.train.loop import train_worker
 from maskray.pipeline.train.settings import (
     CHECKPOINT_FILE,
@@ -98,17 +99,21 @@ def recorded_checkpoint(output: str, storage_options: Mapping[str, Any] | None =
 
 
 def _worker_reason(error: BaseException) -> BaseException | str:
-    """Our own error that a worker raised (a damaged checkpoint, a loss gone NaN), whole and
-    without the traceback snippet Ray cuts it into; else Ray's error as it is."""
+    """Our own error that a worker raised (a damaged checkpoint, a loss gone NaN, storage that
+    refused, bad COCO data: any MaskrayError), whole and without the traceback snippet Ray cuts
+    it into; else Ray's error as it is."""
     failures = getattr(error, "worker_failures", None) or {}
     for rank in sorted(failures):
         cause = failures[rank]
         for _ in range(8):  # through Ray's wrappers (RayTaskError.cause) and chained exceptions
-            if cause is None or isinstance(cause, TrainingError):
+            if cause is None:
                 break
-            cause = getattr(cause, "cause", None) or cause.__cause__
-        if isinstance(cause, TrainingError):
-            return f"worker {rank}: {cause}"
+            # A RayTaskError is also an instance of its cause's class, with Ray's traceback as its
+            # message: go on to the cause it wraps before asking whether the error is ours.
+            wrapped = getattr(cause, "cause", None)
+            if wrapped is None and isinstance(cause, MaskrayError):
+                return f"worker {rank}: {cause}"
+            cause = wrapped or cause.__cause__
     return error
 
 
@@ -156,7 +161,9 @@ def train(settings: TrainSettings, address: str | None = None, log=print) -> dic
         say(f"maskray train: weights from {public_url(settings.init)}"
             + (f"; heads re-made for {config.num_classes} classes: {remade}" if remade else ""))
 
-    remove_temporary_files(fs, out_root)  # of the atomic writes (metrics, settings) of a run killed mid-write
+    # Of the atomic writes (metrics, settings) of a run killed mid-write: only the names those
+    # writes make, since --output may be a folder of the user's (".").
+    remove_temporary_files(fs, out_root)
     record = {"settings": settings.public(), "config": config.to_dict()}
     write_bytes_atomically(fs, join(out_root, SETTINGS_FILE), json.dumps(record, indent=1).encode())
 

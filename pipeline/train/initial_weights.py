@@ -1,19 +1,16 @@
-"""Where a training run starts from and what it ends with: the model's config, the weights of
-``--init`` (ours or torchvision's, with the class heads re-made for another number of classes),
-and the exported model.pt."""
+"""Where a training run starts from: the model's config and the weights of ``--init`` (ours or
+torchvision's, with the class heads re-made for another number of classes). What it ends with,
+model.pt, is written by ``maskray.pipeline.train.export``."""
 
 from __future__ import annotations
 
-import io
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from maskray.model import MaskRCNN, MaskRCNNConfig
-from maskray.model.checkpoint import float32_state_dict, is_maskray_checkpoint
+from maskray.model.checkpoint import checked_checkpoint, float32_state_dict, is_maskray_checkpoint
 from maskray.pipeline.errors import TrainingError
-from maskray.pipeline.storage import open_url, write_bytes_atomically
 from maskray.pipeline.train.settings import TrainSettings
 from maskray.pipeline.weights import Weights, load_state, torchvision_state_dict
 
@@ -26,6 +23,7 @@ def initial_state(init: Weights) -> tuple[MaskRCNNConfig | None, dict[str, torch
     """(the architecture of ``init`` if it is one of ours, its float32 state dict)."""
     state = load_state(init)
     if is_maskray_checkpoint(state):
+        state = checked_checkpoint(state, init.label)
         return MaskRCNNConfig.from_dict(state["config"]), float32_state_dict(state)
     return None, torchvision_state_dict(init, state)
 
@@ -76,26 +74,3 @@ def load_initial_weights(model: MaskRCNN, state_dict: dict[str, torch.Tensor]) -
             f"unexpected {unexpected[:3]} (an init checkpoint must be of the same architecture)"
         )
     return remade
-
-
-def inference_config(config: MaskRCNNConfig) -> MaskRCNNConfig:
-    """The exported model's config: a trained BatchNorm becomes a frozen one (the same affine
-    map in eval mode), so the file is the standard model that inference and fine-tuning expect."""
-    if config.backbone_norm == "frozen":
-        return config
-    return config.replace(backbone_norm="frozen", trainable_backbone_layers=MaskRCNNConfig.trainable_backbone_layers)
-
-
-def export_model(checkpoint: Mapping[str, Any], url: str, dtype: str = "float32",
-                 storage_options: Mapping[str, Any] | None = None) -> MaskRCNN:
-    """Writes the model of a training checkpoint as a plain maskray checkpoint (no optimizer)."""
-    config = inference_config(MaskRCNNConfig.from_dict(checkpoint["config"]))
-    model = MaskRCNN(config)
-    state_dict = {k: v for k, v in float32_state_dict(checkpoint).items() if not k.endswith("num_batches_tracked")}
-    model.load_state_dict(state_dict)
-    buffer = io.BytesIO()
-    model.save(buffer, weights_dtype=dtype, trained={"epoch": checkpoint.get("epoch"), "step": checkpoint.get("step"),
-                                                      "metrics": checkpoint.get("metrics", [])[-1:]})
-    write_bytes_atomically(*open_url(url, storage_options), buffer.getvalue())  # never half a model.pt
-    return model.eval()
-

@@ -163,7 +163,7 @@ def build_data(settings: TrainSettings, rank: int, world: int) -> WorkerData:
     return data
 
 
-def build_model(loop_config: dict[str, Any], state: dict[str, Any] | None) -> MaskRCNN:
+def build_training_model(loop_config: dict[str, Any], state: dict[str, Any] | None) -> MaskRCNN:
     """The model of a resumed run with its weights, or a new one (with the --init weights if any)."""
     if state is not None:
         model = MaskRCNN(MaskRCNNConfig.from_dict(state["config"]))  # the run's model, whatever the options now
@@ -304,7 +304,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     data = build_data(settings, rank, world)
     resumed = ray.train.get_checkpoint()
     state = read_resume_state(resumed) if resumed is not None else None
-    training = WorkerTraining(settings, build_model(loop_config, state), rank, world, device, len(data.loader), state)
+    model = build_training_model(loop_config, state)
+    training = WorkerTraining(settings, model, rank, world, device, len(data.loader), state)
 
     for epoch in range(training.start_epoch, settings.epochs):
         totals, seconds = training.train_epoch(data, epoch)

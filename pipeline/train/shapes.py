@@ -186,7 +186,7 @@ def make_image(seed: int, index: int, width: int, height: int) -> tuple[bytes, l
 def write_shapes(out_url: str, count: int, seed: int, size: tuple[int, int] = (160, 128),
                  storage_options: dict | None = None, progress: bool = False) -> dict:
     """Writes ``OUT/images/NNNNNN.png`` and ``OUT/annotations.json``; returns a summary."""
-    from maskray.pipeline.storage import join, open_url
+    from maskray.pipeline.storage import join, open_url, write_bytes_atomically
 
     if count < 1:
         raise ValueError(f"count must be at least 1, got {count}")
@@ -202,8 +202,8 @@ def write_shapes(out_url: str, count: int, seed: int, size: tuple[int, int] = (1
     for index in indices:
         png, image_annotations = make_image(seed, index, width, height)
         file_name = f"{index:06d}.png"
-        with fs.open(join(root, "images", file_name), "wb") as f:
-            f.write(png)
+        # Whole or not at all, retried through throttling: a killed or failed run leaves no torn image.
+        write_bytes_atomically(fs, join(root, "images", file_name), png)
         image_id = index + 1
         images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
         for annotation in image_annotations:
@@ -215,7 +215,6 @@ def write_shapes(out_url: str, count: int, seed: int, size: tuple[int, int] = (1
         "categories": coco_categories(),
     }
     # The JSON last: a set whose JSON exists is complete.
-    with fs.open(join(root, "annotations.json"), "w") as f:
-        json.dump(data, f)
+    write_bytes_atomically(fs, join(root, "annotations.json"), json.dumps(data).encode())
     return {"images": count, "instances": len(annotations), "json": join(root, "annotations.json"),
             "image_dir": join(root, "images")}
