@@ -237,6 +237,18 @@ def test_a_folder_or_a_path_through_a_file_as_weights_names_the_flag_and_the_fil
         read_weights(str(through_a_file), flag="--init")
 
 
+@pytest.mark.parametrize("command", ["segment", "evaluate"])
+def test_a_folder_as_weights_is_one_plain_line_of_the_command(tmp_path, capsys, command):
+    # Before any Ray or model work: the line names the flag and the folder, not Python's type names.
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.png").write_bytes(b"not read")
+    arguments = {"segment": [str(tmp_path / "images"), str(tmp_path / "out")],
+                 "evaluate": ["--json", str(tmp_path / "x.json"), "--images", str(tmp_path / "images")]}[command]
+    assert cli.main([command, *arguments, "--weights", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"maskray {command}: error: --weights {tmp_path}: is a folder, not a file\n"
+
+
 def test_a_maskray_checkpoint_is_decoded_once(tmp_path, monkeypatch):
     import torch
 

@@ -80,12 +80,13 @@ def run_segment(job: SegmentJob) -> JobSummary:
         return _run(job, started)
     except (JobError, StorageError, FileNotFoundError, ValueError, OSError) as error:
         # Messages reach the console and logs: no credential in them, whatever the cause. Errors
-        # come out as one of these four kinds; one of another type (a StorageWriteError, a
+        # come out as one of these four kinds. Ours say what they are; one of another type (a
         # JSONDecodeError from a damaged manifest, a PermissionError from read-only credentials)
         # is named in the message.
         kinds = (JobError, StorageError, FileNotFoundError, ValueError)
         kind = next((k for k in kinds if isinstance(error, k)), StorageError if isinstance(error, OSError) else JobError)
-        message = str(error) if type(error) in kinds else f"{type(error).__name__}: {error}"
+        ours = type(error) in kinds or type(error).__module__.startswith("maskray.")
+        message = str(error) if ours else f"{type(error).__name__}: {error}"
         raise kind(redact(message, secrets)) from None
 
 
