@@ -323,7 +323,7 @@ def test_resume_after_driver_killed(ray_local, local_input, reference_output, we
                     for p in [output / table / name.replace("shard-", "part-").replace(".json", ".parquet")]}
     # What a writer killed between writing and renaming leaves (the kill above may or may not have
     # hit that moment): the rerun removes it.
-    (output / "images" / ".part-000013.parquet.0123abcd.tmp").write_bytes(b"PAR1 cut short")
+    (output / "images" / f".part-000013.parquet.{'0123abcd' * 4}.tmp").write_bytes(b"PAR1 cut short")
     summary = run_segment(SegmentJob(str(local_input), str(output), str(weights_path), shard_size=2, progress=False))
     # The killed driver's actors may commit a shard or two more before Ray stops them.
     assert summary.complete and summary.shards == total_shards
