@@ -9,15 +9,19 @@ User errors are caught in one place, ``reports_user_errors`` below, which every 
 a ``MaskrayError`` (storage refused, a job that cannot run, bad training data), a ``ValueError``
 (a bad value, a wrong weights file) or an ``OSError`` (a missing file) is printed as
 ``maskray COMMAND: error: MESSAGE`` on one line, credentials redacted, with exit status 2.
-Anything else is a bug and keeps its traceback.
+Ctrl-C is one line too (``maskray COMMAND: interrupted: ...``, what is kept and how to go on),
+with exit status 130, the shell's for SIGINT. ``--debug`` (or MASKRAY_DEBUG=1) lets the error
+through with its traceback. Anything else is a bug and keeps its traceback.
 """
 
 import argparse
 import functools
 import importlib
+import os
+import re
 import sys
 
-from maskray.pipeline.errors import MaskrayError
+from maskray.pipeline.errors import Interrupted, MaskrayError
 
 # name -> (module in jobs/, one-line help). Each module has add_arguments(parser) and run(args) -> int.
 SUBCOMMANDS = {
@@ -36,30 +40,44 @@ SUBCOMMANDS = {
 # What the user got wrong, or storage refused: said in one line, exit status 2.
 USER_ERRORS = (MaskrayError, ValueError, OSError)
 USER_ERROR_STATUS = 2
+INTERRUPTED_STATUS = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
+DEBUG_VARIABLE = "MASKRAY_DEBUG"
 
 
 def reports_user_errors(run):
-    """``run(args)`` of a command, with its user errors printed as one line and exit status 2."""
+    """``run(args)`` of a command, with its user errors printed as one line and exit status 2,
+    and Ctrl-C as one line and exit status 130; with ``args.debug``, both raised as they are."""
 
     @functools.wraps(run)
     def run_reporting_user_errors(args: argparse.Namespace) -> int:
+        command = getattr(args, "command", None) or _command_of(run.__module__)
         try:
             return run(args)
-        except USER_ERRORS as error:
-            command = getattr(args, "command", None) or _command_of(run.__module__)
-            print(error_line(command, error, getattr(args, "storage_options", None)), file=sys.stderr)
-            return USER_ERROR_STATUS
+        except (*USER_ERRORS, KeyboardInterrupt) as error:
+            if getattr(args, "debug", False) or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
+                raise
+            interrupted = isinstance(error, (Interrupted, KeyboardInterrupt))
+            kind = "interrupted" if interrupted else "error"
+            print(error_line(command, error, getattr(args, "storage_options", None), kind), file=sys.stderr)
+            return INTERRUPTED_STATUS if interrupted else USER_ERROR_STATUS
 
     return run_reporting_user_errors
 
 
-def error_line(command: str, error: BaseException, storage_options: dict | None = None) -> str:
+def error_line(command: str, error: BaseException, storage_options: dict | None = None, kind: str = "error") -> str:
     """``maskray COMMAND: error: MESSAGE`` on one line, without the credentials of ``storage_options``
-    or the environment."""
+    or the environment, nor a terminal's colour codes."""
     from maskray.pipeline.storage import redact, secret_values
 
-    message = " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
-    return redact(f"maskray {command}: error: {message}", secret_values(storage_options))
+    text = _TERMINAL_CODES.sub("", str(error))
+    message = " ".join(line.strip() for line in text.splitlines() if line.strip())
+    if not message:
+        message = "stopped by Ctrl-C" if isinstance(error, KeyboardInterrupt) else type(error).__name__
+    return redact(f"maskray {command}: {kind}: {message}", secret_values(storage_options))
+
+
+# ANSI escape sequences (colours, cursor moves) that some libraries put in their messages.
+_TERMINAL_CODES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 def _command_of(module_name: str) -> str:
@@ -77,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
         sub.set_defaults(module=module_name)
         importlib.import_module(module_name).add_arguments(sub)
+        sub.add_argument("--debug", action="store_true",
+                         help=f"let an error through with its traceback (also {DEBUG_VARIABLE}=1)")
     return parser
 
 

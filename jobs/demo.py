@@ -7,15 +7,18 @@ fresh machine; every step is the one a user runs on a bucket.
 """
 
 import argparse
+import shlex
 import shutil
 import sys
 from pathlib import Path
 
+from maskray.jobs.arguments import dataclass_from_namespace
 from maskray.jobs.cli import reports_user_errors
 from maskray.pipeline.options import positive_int
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_WEIGHTS = ROOT / "model" / "weights" / "shapes_light.pt"
+SHARD_SIZE = 8  # a few shards of the 24 images, so that the progress bar moves
 QUERIES = {
     "instances per class": "SELECT label_name, count(*) AS instances, round(avg(score), 3) AS mean_score, "
     "round(avg(area)) AS mean_area FROM instances GROUP BY 1 ORDER BY 1",
@@ -52,9 +55,12 @@ def run(args: argparse.Namespace) -> int:
             raise JobError(f"{output} exists and is not a maskray output; choose another --dir")
         shutil.rmtree(output)
 
+    # The job is made from the very arguments it prints, so the line is true as printed.
+    segment_args = [str(images / "images"), str(output), "--weights", str(weights), "--shard-size", str(SHARD_SIZE)]
     print(f"2. segment: local Ray cluster, weights {weights}, Parquet into {output}")
-    print(f"   (the same as: maskray segment {images}/images {output} --weights {weights})")
-    summary = run_segment(SegmentJob(str(images / "images"), str(output), str(weights), shard_size=8))
+    print(f"   (the same as: maskray segment {shlex.join(segment_args)})")
+    job = dataclass_from_namespace(SegmentJob, segment_parser().parse_args(segment_args))
+    summary = run_segment(job)
     print(summary.describe())
     if not summary.complete:
         return 1
@@ -69,6 +75,15 @@ def run(args: argparse.Namespace) -> int:
     if weights != str(DEMO_WEIGHTS) and args.weights is None:
         print("\nNOTE: these weights are UNTRAINED (no demo model in model/weights/): the masks above are noise.")
     return 0
+
+
+def segment_parser() -> argparse.ArgumentParser:
+    """``maskray segment``'s own parser."""
+    from maskray.jobs import segment
+
+    parser = argparse.ArgumentParser(prog="maskray segment")
+    segment.add_arguments(parser)
+    return parser
 
 
 def _default_weights(directory: Path) -> str:

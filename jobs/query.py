@@ -1,5 +1,7 @@
 """``maskray query OUTPUT "SQL"``: DuckDB over a segmentation output, with the views
-``instances`` (one row per instance) and ``images`` (one row per input image)."""
+``instances`` (one row per instance) and ``images`` (one row per input image). An output that
+is still being written (or was stopped) is answered from its committed shards, with a note of
+how far it has got."""
 
 import argparse
 import sys
@@ -21,23 +23,28 @@ def run(args: argparse.Namespace) -> int:
     import duckdb
 
     from maskray.pipeline.errors import QueryError
-    from maskray.pipeline.results.query import connect
+    from maskray.pipeline.results.query import connect, output_progress
 
+    progress = output_progress(args.output, args.storage_options)  # no output there: one line, before DuckDB
     con = connect(args.output, args.storage_options)
     try:
         relation = con.sql(args.sql)
     except duckdb.Error as error:  # the SQL's mistake, or an output DuckDB cannot read
-        raise QueryError(str(error)) from None
-    if relation is None:  # a statement without a result
-        return 0
-    if args.csv:
-        import csv
+        # DuckDB's first line says what is wrong; the next ones quote the SQL back.
+        reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise QueryError(f"the SQL cannot run: {reason}") from None
+    if relation is not None:  # None: a statement without a result
+        if args.csv:
+            import csv
 
-        writer = csv.writer(sys.stdout)
-        writer.writerow(relation.columns)
-        writer.writerows(relation.fetchall())
-    else:
-        relation.show(max_rows=args.max_rows, max_width=200)
+            writer = csv.writer(sys.stdout)
+            writer.writerow(relation.columns)
+            writer.writerows(relation.fetchall())
+        else:
+            relation.show(max_rows=args.max_rows, max_width=200)
+    if not progress.finished:  # the answer covers the committed shards only: say so, where it is seen last
+        print(f"maskray query: note: {progress.describe()}; this answer covers the committed shards",
+              file=sys.stderr)
     return 0
 
 

@@ -1,12 +1,15 @@
 """Checkpoints: one file holding config, class names, weights and versions.
 
 Written with ``torch.save`` and read with ``torch.load(weights_only=True)``: the file holds
-only tensors and plain data, so loading it cannot run code. A file that would need pickled
-code to load is refused with an error that names it.
+only tensors and plain data, so loading it cannot run code. A file that does not load that
+way is refused with one line that names it and says what it is (an image, a text page, a
+truncated download, a whole pickled model, ...), never torch's advice to load it unsafely.
 """
 
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -15,6 +18,7 @@ import torchvision
 from torch import Tensor
 
 from maskray.model.config import MaskRCNNConfig
+from maskray.model.refused_files import printable, shorten, what_is
 
 if TYPE_CHECKING:
     from maskray.model.mask_rcnn import MaskRCNN
@@ -28,15 +32,18 @@ def _describe(source: object) -> str:
 
 
 def safe_load(source: str | Path | BinaryIO, map_location: str | torch.device = "cpu") -> Any:
-    """``torch.load`` with ``weights_only=True``; errors name the file."""
+    """``torch.load`` with ``weights_only=True``; a file it refuses is a ValueError naming the file
+    and saying what it is (``maskray.model.refused_files``)."""
     try:
-        return torch.load(source, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about a foreign pickle or a TorchScript zip before refusing it: the refusal says it all.
+            warnings.filterwarnings("ignore", "Detected pickle protocol|.*looks like a TorchScript archive")
+            return torch.load(source, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise
-    except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError...
-        raise ValueError(
-            f"{_describe(source)}: not a loadable weights file ({type(error).__name__}: {str(error).splitlines()[0]})"
-        ) from error
+    except Exception as error:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError...
+        # from None: torch's own text (kept in __cause__ otherwise) advises turning weights_only off.
+        raise ValueError(f"{_describe(source)}: not a loadable weights file: {what_is(source, error)}") from None
 
 
 def versions() -> dict[str, str]:
@@ -110,6 +117,9 @@ def checked_checkpoint(state: Any, source: object = "checkpoint") -> dict[str, A
     if state.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(f"{_describe(source)}: checkpoint format {state['format_version']} is newer than this "
                          "maskray reads")
+    if not (isinstance(state.get("config"), dict) and isinstance(state.get("state_dict"), dict)):
+        raise ValueError(  # noqa: TRY004 - a wrong file is a user error, a ValueError
+            f"{_describe(source)}: a maskray checkpoint without its config or state_dict (damaged?)")
     return state
 
 
@@ -119,22 +129,91 @@ def model_from_state(state: Any, source: object = "checkpoint") -> MaskRCNN:
     from maskray.model.mask_rcnn import MaskRCNN
 
     state = checked_checkpoint(state, source)
-    model = MaskRCNN(MaskRCNNConfig.from_dict(state["config"]))
-    model.load_state_dict(float32_state_dict(state))
+    try:
+        config = MaskRCNNConfig.from_dict(state["config"])
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{_describe(source)}: its config does not fit this maskray ({error})") from None
+    model = MaskRCNN(config)
+    try:
+        model.load_state_dict(float32_state_dict(state))
+    except RuntimeError as error:
+        misfit = describe_misfit(error)
+        if misfit is None:
+            raise
+        raise ValueError(f"{_describe(source)}: its state_dict does not fit its config: {misfit}") from None
     return model.eval().to_inference_layout()
 
 
-def read_torchvision_state_dict(source: dict[str, Tensor] | str | Path | BinaryIO) -> dict[str, Tensor]:
-    """A torchvision Mask R-CNN state dict, from memory or a file, with its keys checked."""
+def describe_misfit(error: RuntimeError) -> str | None:
+    """``load_state_dict``'s refusal (a multi-line dump of every key) in one short line: how many keys are
+    missing, unexpected or of another shape, with the first names; None for any other RuntimeError."""
+    text = str(error)
+    if not text.startswith("Error(s) in loading state_dict"):
+        return None
+    found: dict[str, list[str]] = {"missing": [], "unexpected": [], "of another shape": [], "other problems": []}
+    for line in (line.strip() for line in text.splitlines()[1:]):
+        reshaped = re.match(r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[.*?\])\) from "
+                            r"checkpoint, the shape in current model is torch\.Size\((\[.*?\])\)", line)
+        if line.startswith("Missing key(s)"):
+            found["missing"] += re.findall(r'"([^"]+)"', line)
+        elif line.startswith("Unexpected key(s)"):
+            found["unexpected"] += re.findall(r'"([^"]+)"', line)
+        elif reshaped:
+            found["of another shape"].append(f"{reshaped[1]} {reshaped[2]}, the model's {reshaped[3]}")
+        elif line:
+            found["other problems"].append(shorten(line, 80))
+    shown = {"missing": 2, "unexpected": 2, "of another shape": 1, "other problems": 1}
+    return "; ".join(f"{len(names)} {kind} ({', '.join(names[: shown[kind]])}{', ...' if len(names) > shown[kind] else ''})"
+                     for kind, names in found.items() if names)
+
+
+def read_torchvision_state_dict(
+    source: dict[str, Tensor] | str | Path | BinaryIO, name: object = None
+) -> dict[str, Tensor]:
+    """A torchvision Mask R-CNN state dict, from memory or a file, with its keys checked; errors name
+    ``name`` (e.g. the file an in-memory dict came from) or else ``source``."""
     state_dict = source if isinstance(source, dict) else safe_load(source)
+    name = _describe(source if name is None else name)
     if not isinstance(state_dict, dict):
-        raise ValueError(f"{_describe(source)}: expected a state dict, got {type(state_dict).__name__}")
+        raise ValueError(f"{name}: expected a state dict, got {type(state_dict).__name__}")  # noqa: TRY004
     if "model" in state_dict and isinstance(state_dict["model"], dict):
         state_dict = state_dict["model"]  # torchvision's reference scripts wrap it
-    if "roi_heads.box_predictor.cls_score.weight" not in state_dict or "backbone.body.conv1.weight" not in state_dict:
-        raise ValueError(
-            f"{_describe(source)}: not a torchvision maskrcnn_resnet50_fpn state dict "
-            "(no backbone.body.conv1.weight / roi_heads.box_predictor.cls_score.weight)"
-        )
+    if any(key not in state_dict for key in _TORCHVISION_KEYS) or any(
+        isinstance(key, str) and key.startswith(_KEYPOINT_HEAD) for key in state_dict
+    ):
+        raise ValueError(f"{name}: not a torchvision maskrcnn_resnet50_fpn state dict: "
+                         f"{describe_state_dict(state_dict)}")
     return dict(state_dict)
+
+
+# Keys that every torchvision maskrcnn_resnet50_fpn state dict has (fasterrcnn_resnet50_fpn's too: a Faster R-CNN).
+_TORCHVISION_KEYS = ("backbone.body.conv1.weight", "roi_heads.box_predictor.cls_score.weight")
+# A Keypoint R-CNN's state dict has those keys too, and more that no Mask R-CNN takes.
+_KEYPOINT_HEAD = "roi_heads.keypoint_"
+# (a key's start, what a state dict with such keys looks like, advice), the first that matches.
+_LOOKS_LIKE = ((_KEYPOINT_HEAD, "a Keypoint R-CNN", ", which maskray does not build"),
+               ("module.", "a DataParallel-wrapped model", "; save model.module.state_dict() instead"),
+               ("backbone.bottom_up.", "a Detectron2 model", ""),
+               ("head.classification_head.", "a RetinaNet or FCOS detector", ""),
+               ("backbone.body.", "a detector with another backbone", ""),
+               ("fc.", "an image classifier", ""), ("classifier.", "an image classifier", ""),
+               ("head.", "an image classifier", ""))
+
+
+def describe_state_dict(state_dict: dict) -> str:
+    """What a dict that is not a Mask R-CNN's state dict looks like, by its keys: a modest guess for
+    the error that refuses it."""
+    tensors = {str(key): value for key, value in state_dict.items() if isinstance(value, Tensor)}
+    if not tensors:
+        keys = shorten(", ".join(printable(str(key)) for key in list(state_dict)[:6]), 80)
+        nested = any(isinstance(value, dict) for value in state_dict.values())
+        return (f"a dict of {len(state_dict)} entries without tensors ({keys})"
+                + ("; a training checkpoint? save the model's state_dict() alone" if nested else ""))
+    absent = [key for key in _TORCHVISION_KEYS if key not in state_dict]
+    what = f"{len(tensors)} tensors" + (f", without {absent[0]}{', ...' if len(absent) > 1 else ''}" if absent else "")
+    for start, kind, advice in _LOOKS_LIKE:
+        key = next((key for key in tensors if key.startswith(start)), None)
+        if key is not None:
+            return f"{what}; looks like {kind} ({shorten(key, 60)} {list(tensors[key].shape)}){advice}"
+    return f"{what} (the first: {shorten(next(iter(tensors)), 60)})"
 

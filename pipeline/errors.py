@@ -14,6 +14,10 @@ class StorageError(MaskrayError):
     """Storage that cannot be used as asked: a missing bucket, a wrong endpoint, refused credentials."""
 
 
+class OutputError(MaskrayError):
+    """An output that is not maskray's to write into: a folder or prefix holding other files, or a file."""
+
+
 class JobError(MaskrayError):
     """The segmentation job cannot run as asked (the message says why); nothing was processed."""
 
@@ -29,3 +33,7 @@ class StorageWriteError(StorageError):
 
 class QueryError(MaskrayError):
     """The SQL of ``maskray query`` cannot run: its own mistake, or an output DuckDB cannot read."""
+
+
+class Interrupted(MaskrayError):
+    """Ctrl-C: the command stopped cleanly; the message says what is kept and how to go on."""

@@ -22,7 +22,7 @@ checkpoints) is listed in RELIABILITY.md.
 import os
 import re
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -30,7 +30,7 @@ import fsspec
 from fsspec import AbstractFileSystem
 
 from maskray.pipeline import retry
-from maskray.pipeline.errors import StorageError, StorageWriteError
+from maskray.pipeline.errors import OutputError, StorageError, StorageWriteError
 from maskray.pipeline.retry import attempts_made, error_chain, http_status, is_transient, retry_call
 
 T = TypeVar("T")
@@ -50,6 +50,18 @@ _USERINFO_IN_TEXT = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@'\"]+@")
 # Environment variables whose values are secrets, redacted wherever they appear.
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "GOOGLE_APPLICATION_CREDENTIALS",
                "AZURE_STORAGE_KEY", "AZURE_STORAGE_SAS_TOKEN", "AZURE_STORAGE_CONNECTION_STRING")
+
+
+def absolute_url(url: str) -> str:
+    """``url`` as it reads from any folder: a local path (no protocol) made absolute against the
+    folder it was typed in, ``~`` expanded, a trailing slash kept; a URL with a protocol as it is.
+
+    The jobs resolve every path a user types on the driver, before anything reaches Ray: Ray's
+    workers run in folders of their own, where ``data/train.json`` is another file or none."""
+    if not isinstance(url, str) or not url.strip() or "://" in url or "::" in url:
+        return url
+    absolute = os.path.abspath(os.path.expanduser(url))
+    return absolute + "/" if url.endswith("/") and not absolute.endswith("/") else absolute
 
 
 def open_url(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[AbstractFileSystem, str]:
@@ -224,6 +236,28 @@ def check_reachable(url: str, fs: AbstractFileSystem, path: str, *, must_exist: 
             raise StorageError(f"{public_url(url)}: no such file or prefix") from None
 
 
+def check_output_is_ours(url: str, fs: AbstractFileSystem, path: str, what: str, marker: str,
+                         own_names: Collection[str], before_marker: Collection[str] = ()) -> None:
+    """An output is maskray's or empty: the folder or prefix ``path`` may hold at its top only
+    the names ``own_names``, and only once it holds ``marker``, the file its job writes before
+    its parts (``before_marker``: the names it may write before that one); the temporary files
+    of atomic writes aside. A folder of the user's that happens to hold ``images/`` is not an
+    output. Else OutputError, naming a few of the others, before any work: a job never mixes
+    its files with a user's. ``what`` (``a segmentation output``) names the kind of output."""
+    kind = path_type(fs, path)
+    if kind is None:
+        return
+    if kind == "file":
+        raise OutputError(f"{public_url(url)}: a file, where {what} goes in a folder or prefix; choose another")
+    names = {p.rstrip("/").rsplit("/", 1)[-1] for p in list_files(fs, path)} - {""}
+    allowed = set(own_names) if marker in names else set(before_marker)
+    foreign = sorted(n for n in names - allowed if not _TEMPORARY_NAME.fullmatch(n))
+    if foreign:
+        shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
+        raise OutputError(f"{public_url(url)} holds files that are not {what}'s ({shown}); an output is maskray's "
+                          "or empty: choose a new folder or prefix")
+
+
 # Reading, writing, listing ----------------------------------------------------------------------
 
 # What a call raises when the object is not there: the caller's to handle, never retried or wrapped.
@@ -269,7 +303,8 @@ def retried(operation: Callable[[], T], url: str, action: str | None,
 def read_object(url: str, storage_options: Mapping[str, Any] | None = None) -> bytes:
     """The whole object at ``url`` (a path or fsspec URL), of any size (s3fs fetches a large one
     in parallel ranges). A missing object raises FileNotFoundError "URL: no such file", a folder
-    NotAFileError (a FileNotFoundError) "URL: is a folder, not a file"; any other failure,
+    NotAFileError (a FileNotFoundError) "URL: is a folder, not a file" (or "URL: the bucket 'B'
+    does not exist"); any other failure,
     StorageError "URL: reason (tries)", for the caller to say what the object was for."""
     fs, path = open_url(url, storage_options)
     try:
@@ -277,6 +312,10 @@ def read_object(url: str, storage_options: Mapping[str, Any] | None = None) -> b
     except IsADirectoryError:
         raise NotAFileError(f"{public_url(url)}: is a folder, not a file") from None
     except MISSING:  # NotADirectoryError: a part of the path is a file, so no such file either
+        # Files are read one at a time (a JSON, weights): one more request to say which mistake it is.
+        bucket = path.split("/", 1)[0]
+        if has_buckets(fs) and path_type(fs, bucket) is None:
+            raise FileNotFoundError(f"{public_url(url)}: the bucket {bucket!r} does not exist") from None
         raise FileNotFoundError(f"{public_url(url)}: no such file") from None
 
 

@@ -5,7 +5,9 @@ torchvision Mask R-CNN state dict file, on any fsspec URL. The driver reads the 
 them and loads them with ``weights_only=True`` (a file that would need pickled code is refused)
 before any work starts, so a wrong file fails the job at once; segmentation's actors get the
 same bytes through Ray's object store, so a weights file on the driver's disk serves actors on
-every node. Every error names the flag and the file: ``--weights s3://b/model.pt: ...``.
+every node. Every error is one line that names the flag and the file and says what the file is
+instead (model.checkpoint's ``describe_unloadable`` and ``describe_state_dict``):
+``--weights s3://b/cat.jpg: not a loadable weights file: a JPEG image``.
 """
 
 import hashlib
@@ -61,13 +63,9 @@ def torchvision_state_dict(weights: Weights, state: Any) -> dict:
     from maskray.model.checkpoint import read_torchvision_state_dict
 
     if not isinstance(state, dict):
-        raise ValueError(f"{weights.label}: neither a maskray checkpoint nor a state dict (it holds a "
+        raise ValueError(f"{weights.label}: neither a maskray checkpoint nor a state dict (it holds a "  # noqa: TRY004
                          f"{type(state).__name__})")
-    try:
-        return read_torchvision_state_dict(state)
-    except ValueError as error:
-        # It names what it was given, a dict: name the flag and the file instead.
-        raise ValueError(f"{weights.label}: {str(error).removeprefix('dict: ')}") from None
+    return read_torchvision_state_dict(state, weights.label)
 
 
 def build_model(weights: Weights, overrides: Mapping[str, Any] | None = None, device: str = "cpu"):
@@ -75,13 +73,20 @@ def build_model(weights: Weights, overrides: Mapping[str, Any] | None = None, de
     changed (e.g. ``box_score_thresh``), on ``device``. Raises ValueError naming the flag and the
     file for anything that is neither a maskray checkpoint nor a torchvision state dict."""
     from maskray.model import MaskRCNN
-    from maskray.model.checkpoint import is_maskray_checkpoint, model_from_state
+    from maskray.model.checkpoint import describe_misfit, is_maskray_checkpoint, model_from_state
 
     state = load_state(weights)
     if is_maskray_checkpoint(state):
         model = model_from_state(state, weights.label)
     else:
-        model = MaskRCNN.from_torchvision(torchvision_state_dict(weights, state))
+        try:
+            model = MaskRCNN.from_torchvision(torchvision_state_dict(weights, state))
+        except RuntimeError as error:  # load_state_dict's dump of every key, said in one line
+            misfit = describe_misfit(error)
+            if misfit is None:
+                raise
+            raise ValueError(f"{weights.label}: a state dict that does not fit torchvision's "
+                             f"maskrcnn_resnet50_fpn: {misfit}") from None
     if overrides:
         config = model.config.replace(**overrides)
         if config != model.config:

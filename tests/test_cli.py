@@ -5,6 +5,7 @@ caught in one place, as one line with exit status 2 and no credentials."""
 import argparse
 import dataclasses
 import json
+import os
 import re
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from maskray.jobs import cli
 from maskray.jobs import segment as segment_job
 from maskray.jobs import train as train_job
 from maskray.jobs.arguments import dataclass_from_namespace
-from maskray.pipeline.errors import JobError, StorageError, TrainingError
+from maskray.pipeline.errors import Interrupted, JobError, StorageError, TrainingError
 from maskray.pipeline.segment.settings import SegmentJob
 from maskray.pipeline.train.settings import TrainSettings
 
@@ -59,7 +60,8 @@ def test_segment_options_reach_the_job():
         "--batch-size", "3", "--shard-size", "5", "--score-threshold", "0.25", "--max-pixels", "1000",
         "--storage-options", '{"anon": true}', "--no-progress", "--num-actors", "2", "--actor-start-timeout", "30"])
     job = dataclass_from_namespace(SegmentJob, args)
-    assert (job.input, job.output, job.weights) == ("in", "out", "w.pt")
+    # Paths are resolved where they were typed: the actors run in folders of their own.
+    assert (job.input, job.output, job.weights) == tuple(os.path.abspath(p) for p in ("in", "out", "w.pt"))
     assert (job.batch_size, job.shard_size, job.score_threshold, job.max_pixels) == (3, 5, 0.25, 1000)
     assert job.storage_options == {"anon": True} and job.progress is False and job.num_actors == 2
     assert job.actor_start_timeout == 30.0
@@ -179,6 +181,32 @@ def test_a_bug_keeps_its_traceback(fake_command):
     fake_command.append(KeyError("a bug"))
     with pytest.raises(KeyError):
         cli.main(["fake"])
+
+
+def test_debug_lets_the_error_through_with_its_traceback(fake_command, monkeypatch):
+    fake_command.append(StorageError("s3://b/x: access was refused"))
+    with pytest.raises(StorageError):
+        cli.main(["fake", "--debug"])
+    monkeypatch.setenv("MASKRAY_DEBUG", "1")  # for `ray job submit -- python -m ...`, where flags are typed once
+    with pytest.raises(StorageError):
+        cli.main(["fake"])
+
+
+@pytest.mark.parametrize("interrupt, said", [
+    (KeyboardInterrupt(), "maskray fake: interrupted: stopped by Ctrl-C"),
+    (Interrupted("3 of 8 shards are committed in out; the same command resumes from there"),
+     "maskray fake: interrupted: 3 of 8 shards are committed in out; the same command resumes from there"),
+], ids=["KeyboardInterrupt", "Interrupted"])
+def test_ctrl_c_is_one_line_and_exit_status_130(fake_command, interrupt, said, capsys):
+    fake_command.append(interrupt)
+    assert cli.main(["fake"]) == 130
+    assert capsys.readouterr().err == said + "\n"
+
+
+def test_terminal_colour_codes_never_reach_the_line(fake_command, capsys):
+    fake_command.append(ValueError("w.pt: \x1b[1mUnpickler\x1b[0m refused \x1b[31;1mMaskRCNN\x1b[0m\n  a second line"))
+    assert cli.main(["fake"]) == 2
+    assert capsys.readouterr().err == "maskray fake: error: w.pt: Unpickler refused MaskRCNN a second line\n"
 
 
 def test_every_command_reports_user_errors_through_the_one_catch():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -35,7 +36,7 @@ from maskray.pipeline.train.evaluation import coco_evaluate, predict_coco_result
 from maskray.pipeline.train.export import export_model
 from maskray.pipeline.train.initial_weights import load_initial_weights, model_config
 from maskray.pipeline.train.schedule import lr_factor, steps_at_epochs
-from maskray.pipeline.train.settings import CHECKPOINT_FILE, RUN_NAME, SNAPSHOT_FILE, TrainSettings
+from maskray.pipeline.train.settings import CHECKPOINT_FILE, RUN_NAME, SETTINGS_FILE, SNAPSHOT_FILE, TrainSettings
 from maskray.pipeline.train.shapes import write_shapes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -220,6 +221,7 @@ def test_a_torn_run_record_is_a_clear_error(tiny_shapes, tmp_path):
     output = tmp_path / "run"
     (output / RUN_NAME / "epoch-0001").mkdir(parents=True)
     (output / RUN_NAME / SNAPSHOT_FILE).write_text('{"checkpoint_results": [{"checkpoint_dir_name": "epo')
+    (output / SETTINGS_FILE).write_text("{}")  # what a run writes first
     with pytest.raises(TrainingError, match=f"{SNAPSHOT_FILE}: Ray Train's record .* cannot be read .*--init"):
         train(settings_of(tiny_args(tiny_shapes, str(output), "--resume")), log=lambda _: None)
 
@@ -411,3 +413,48 @@ def test_bad_training_data_stops_the_job_before_any_worker(tmp_path):
 
     with pytest.raises(CocoDataError, match="000001.png"):
         train(settings, log=lambda _: None)
+
+
+# -----------------------------------------------------------------------------------------------
+# Training that cannot work says so early
+
+
+def test_the_default_learning_rate_follows_the_linear_scaling_rule():
+    # torchvision's reference recipe: 0.02 for 16 images per step (8 GPUs x 2), scaled to the total batch.
+    def base_lr(**options) -> float:
+        return TrainSettings(train_json="x", train_images="y", output="z", **options).base_lr
+
+    assert base_lr(workers=8, batch_size=2) == pytest.approx(0.02)
+    assert base_lr(workers=1, batch_size=2) == pytest.approx(0.0025)
+    assert base_lr(workers=2, batch_size=4) == pytest.approx(0.01)
+    assert base_lr(workers=1, batch_size=2, lr=0.3) == 0.3  # given: as it is
+    from maskray.pipeline.train.schedule import make_optimizer
+
+    model = torch.nn.Linear(2, 2)
+    settings = TrainSettings(train_json="x", train_images="y", output="z", workers=2, batch_size=1, warmup_iters=0)
+    _, optimizer, _ = make_optimizer(model, settings, steps_per_epoch=10)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.02 * 2 / 16)
+
+
+def test_a_loss_that_grows_by_orders_of_magnitude_stops_the_run():
+    from maskray.pipeline.train.loop import DivergenceCheck
+
+    check = DivergenceCheck()
+    for step, loss in enumerate([4.0, 6.5, 3.1, 40.0, 2.0, 0.4, 0.2, 399.0]):  # ups and downs, all under 100x
+        check.check(loss, {"loss_classifier": loss}, step, 0)
+    with pytest.raises(TrainingError, match=r"the loss is 1e\+05 at step 8 \(epoch 1\), 2.5e\+04 times the first "
+                                            r"step's 4: \{'loss_classifier': 100000.0\}; lower --lr or set --clip"):
+        check.check(1e5, {"loss_classifier": 1e5}, 8, 0)
+    with pytest.raises(TrainingError, match=r"the loss is nan at step 3 \(epoch 2\): .*lower --lr"):
+        DivergenceCheck().check(float("nan"), {"loss_mask": float("nan")}, 3, 1)
+
+
+@pytest.mark.slow
+def test_a_learning_rate_far_too_high_stops_within_a_few_steps(tiny_shapes, tmp_path, ray_local):
+    args = tiny_args(tiny_shapes, str(tmp_path / "run"), "--epochs", "3")
+    args[args.index("--lr") + 1] = "200"  # and no clipping: it diverges at once
+    del args[args.index("--clip-grad-norm"):args.index("--clip-grad-norm") + 2]
+    settings = settings_of(args)
+    with pytest.raises(TrainingError, match=r"the loss is \S+ at step (\d) \(epoch 1\)") as raised:
+        train(dataclasses.replace(settings, workers=1, cpus_per_worker=2), log=lambda _: None)
+    assert "lower --lr or set --clip-grad-norm" in str(raised.value)

@@ -8,14 +8,17 @@ its wheel and would be downloaded at run time.
 """
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow.dataset as ds
 
-from maskray.pipeline.errors import QueryError
+from maskray.pipeline.errors import OutputError, QueryError
+from maskray.pipeline.segment.manifest import MANIFEST_FILE, Manifest
 from maskray.pipeline.segment.output import IMAGES, INSTANCES, SCHEMAS, finished_shards, shard_of_part
 from maskray.pipeline.segment.plan import Plan
 from maskray.pipeline.storage import (
+    check_reachable,
     full_url,
     is_local,
     join,
@@ -52,6 +55,46 @@ def _planned_shards(fs, output: str) -> int:
         return plan.num_shards
     finally:
         plan.close()
+
+
+@dataclass(frozen=True)
+class OutputProgress:
+    """How far the job writing a segmentation output has got."""
+
+    url: str  # without credentials
+    shards: int | None  # in the plan; None before the plan is written
+    committed: int  # shards with their done-marker
+
+    @property
+    def finished(self) -> bool:
+        return self.shards is not None and self.committed == self.shards
+
+    def describe(self) -> str:
+        if self.finished:
+            return f"{self.url}: all {self.shards} shards committed"
+        planned = f"{self.committed} of {self.shards}" if self.shards is not None else "none of the"
+        return (f"{self.url} is unfinished: {planned} shards committed (the job is running, or was stopped: "
+                "its command resumes it)")
+
+
+def output_progress(output_url: str, storage_options: Mapping[str, Any] | None = None) -> OutputProgress:
+    """How far the segmentation output at ``output_url`` has got. StorageError when storage cannot
+    be used (no bucket, refused credentials, an unreachable endpoint) or nothing is there;
+    OutputError when what is there is no segmentation output, saying what it looks like."""
+    fs, output = open_url(output_url, storage_options)
+    check_reachable(output_url, fs, output, must_exist=True)
+    where = public_url(output_url)
+    if path_type(fs, output) == "file":
+        raise OutputError(f"{where}: a file, not a segmentation output (a folder or prefix that maskray segment wrote)")
+    if Manifest.read(fs, output) is None:
+        names = {p.rstrip("/").rsplit("/", 1)[-1] for p in list_files(fs, output)}
+        shown = ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "")
+        looks = ("a training run's output" if {"settings.json", "checkpoints"} & names else
+                 "empty" if not names else f"a folder holding {shown}")
+        raise OutputError(f"{where}: not a segmentation output (no {MANIFEST_FILE}; it is {looks}): "
+                          "give the OUTPUT that maskray segment wrote")
+    shards = _planned_shards(fs, output) if Plan.exists(fs, output) else None
+    return OutputProgress(where, shards, len(finished_shards(fs, output)))
 
 
 def open_table(output_url: str, table: str, storage_options: Mapping[str, Any] | None = None) -> ds.Dataset:

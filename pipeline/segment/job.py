@@ -19,18 +19,22 @@ import logging
 import time
 from dataclasses import dataclass
 
-from maskray.pipeline.errors import JobError, StorageError
+from maskray.pipeline.errors import Interrupted, JobError, MaskrayError, StorageError
 from maskray.pipeline.segment.listing import list_images
-from maskray.pipeline.segment.manifest import Manifest, identity_mismatch
-from maskray.pipeline.segment.output import finished_shards, remove_interrupted_writes
+from maskray.pipeline.segment.manifest import MANIFEST_FILE, Manifest, identity_mismatch
+from maskray.pipeline.segment.output import DONE, IMAGES, INSTANCES, finished_shards, remove_interrupted_writes
 from maskray.pipeline.segment.plan import PLAN_FILE, Plan
 from maskray.pipeline.segment.scheduler import execute
 from maskray.pipeline.segment.settings import SegmentJob
 from maskray.pipeline.segment.shardbook import RunStats
-from maskray.pipeline.storage import check_reachable, open_url, public_url, redact, secret_values
+from maskray.pipeline.storage import check_output_is_ours, check_reachable, open_url, public_url, redact, secret_values
 from maskray.pipeline.weights import build_model, read_weights
 
 log = logging.getLogger("maskray.segment")
+
+# What an output holds at its top once its manifest is written (the plan is written just
+# before it): nothing else may be there (storage.check_output_is_ours).
+OUTPUT_NAMES = (MANIFEST_FILE, PLAN_FILE, DONE, INSTANCES, IMAGES)
 
 
 @dataclass
@@ -78,6 +82,8 @@ def run_segment(job: SegmentJob) -> JobSummary:
     secrets = secret_values(job.storage_options)
     try:
         return _run(job, started)
+    except KeyboardInterrupt:
+        raise Interrupted(redact(_interrupted(job), secrets)) from None
     except (JobError, StorageError, FileNotFoundError, ValueError, OSError) as error:
         # Messages reach the console and logs: no credential in them, whatever the cause. Errors
         # come out as one of these four kinds. Ours say what they are; one of another type (a
@@ -90,12 +96,28 @@ def run_segment(job: SegmentJob) -> JobSummary:
         raise kind(redact(message, secrets)) from None
 
 
+def _interrupted(job: SegmentJob) -> str:
+    """What a Ctrl-C leaves: the shards committed (each whole; one in flight is redone whole) and how to go on."""
+    from maskray.pipeline.results.query import output_progress
+
+    try:
+        progress = output_progress(job.output, job.storage_options)
+    except (MaskrayError, OSError, ValueError):  # stopped before the manifest, or storage failing too
+        progress = None
+    if progress is None or progress.shards is None:
+        return f"stopped before any shard of {public_url(job.output)} was planned; the same command starts it again"
+    return (f"{progress.committed} of {progress.shards} shards are committed in {progress.url}; "
+            "the same command resumes from there")
+
+
 def _run(job: SegmentJob, started: float) -> JobSummary:
     job.validate()
     in_fs, in_path = open_url(job.input, job.storage_options)
     check_reachable(job.input, in_fs, in_path, must_exist=True)
     out_fs, out_path = open_url(job.output, job.storage_options)
     check_reachable(job.output, out_fs, out_path, must_exist=False)
+    check_output_is_ours(job.output, out_fs, out_path, "a segmentation output", MANIFEST_FILE, OUTPUT_NAMES,
+                         before_marker=(PLAN_FILE,))
 
     weights = read_weights(job.weights, job.storage_options)
     model = build_model(weights, job.overrides())  # a bad weights file fails here, before any work

@@ -11,6 +11,7 @@ from typing import Any
 
 from maskray.pipeline.limits import DEFAULT_MAX_PIXELS
 from maskray.pipeline.options import STORAGE_OPTIONS_HELP, storage_options
+from maskray.pipeline.storage import absolute_url
 
 
 @dataclass
@@ -45,6 +46,10 @@ class SegmentJob:
     progress: bool = field(default=True, metadata={"help": "no progress bar"})
     actor_start_timeout: float = field(default=600.0, metadata={
         "help": "seconds to wait for the model actors to start before the job gives up (default %(default)s)"})
+
+    def __post_init__(self) -> None:
+        # Resolved where the user typed them: the actors run in folders of their own.
+        self.input, self.output, self.weights = (absolute_url(u) for u in (self.input, self.output, self.weights))
 
     def validate(self) -> None:
         """The one check of the values' ranges (the command line parses plain numbers): ValueError."""

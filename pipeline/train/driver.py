@@ -28,6 +28,7 @@ from maskray.model.checkpoint import safe_load
 from maskray.pipeline.cluster import connect_ray
 from maskray.pipeline.errors import MaskrayError, TrainingError
 from maskray.pipeline.storage import (
+    check_output_is_ours,
     join,
     list_files,
     open_url,
@@ -41,6 +42,7 @@ from maskray.pipeline.storage import (
 from maskray.pipeline.train.export import export_model
 from maskray.pipeline.train.initial_weights import initial_state, load_initial_weights, model_config
 from maskray.pipeline.train.loop import train_worker
+from maskray.pipeline.train.metrics import METRICS_CSV, METRICS_PNG
 from maskray.pipeline.train.settings import (
     CHECKPOINT_FILE,
     MODEL_FILE,
@@ -50,6 +52,10 @@ from maskray.pipeline.train.settings import (
     TrainSettings,
 )
 from maskray.pipeline.weights import read_weights
+
+# What a run's output holds at its top once settings.json, written first, is there: nothing
+# else may be there (storage.check_output_is_ours).
+OUTPUT_NAMES = (RUN_NAME, SETTINGS_FILE, METRICS_CSV, METRICS_PNG, MODEL_FILE)
 
 
 def _storage_for_ray(output: str, storage_options: Mapping[str, Any]):
@@ -130,6 +136,7 @@ def train(settings: TrainSettings, address: str | None = None, log=print) -> dic
 
     fs, out_root = open_url(settings.output, options)
     check_reachable(settings.output, fs, out_root, must_exist=False)
+    check_output_is_ours(settings.output, fs, out_root, "a training run", SETTINGS_FILE, OUTPUT_NAMES)
     # The data is checked here, before any worker starts: the JSON, its categories, every file.
     train_set = CocoDataset(settings.train_json, settings.train_images, options)
     say(f"maskray train: {len(train_set)} training images, {train_set.num_classes - 1} classes "
@@ -161,8 +168,7 @@ def train(settings: TrainSettings, address: str | None = None, log=print) -> dic
         say(f"maskray train: weights from {public_url(settings.init)}"
             + (f"; heads re-made for {config.num_classes} classes: {remade}" if remade else ""))
 
-    # Of the atomic writes (metrics, settings) of a run killed mid-write: only the names those
-    # writes make, since --output may be a folder of the user's (".").
+    # Of the atomic writes (metrics, settings) of a run killed mid-write.
     remove_temporary_files(fs, out_root)
     record = {"settings": settings.public(), "config": config.to_dict()}
     write_bytes_atomically(fs, join(out_root, SETTINGS_FILE), json.dumps(record, indent=1).encode())
@@ -191,7 +197,8 @@ def train(settings: TrainSettings, address: str | None = None, log=print) -> dic
         ),
     )
     say(f"maskray train: {settings.workers} worker(s) x {cpus} CPU{' + 1 GPU' if settings.gpu else ''}, "
-        f"{settings.epochs} epochs of batch {settings.batch_size} per worker, output {public_url(settings.output)}")
+        f"{settings.epochs} epochs of batch {settings.batch_size} per worker, lr {settings.base_lr:g}"
+        + (" (the linear scaling rule)" if settings.lr is None else "") + f", output {public_url(settings.output)}")
     started = time.perf_counter()
     try:
         result = trainer.fit()

@@ -10,6 +10,7 @@ Each worker reads its shard of the images through the shared decode path
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import time
@@ -39,6 +40,30 @@ def _progress(total: int, description: str, enabled: bool):
         return ray_tqdm(total=total, desc=description)
     except Exception:  # noqa: BLE001 - a progress bar is never worth failing a run for
         return None
+
+
+# A loss this many times its first step's has diverged. Waiting for it to overflow costs epochs:
+# at too high a learning rate the loss climbed to 1e29 before it became NaN.
+DIVERGED_FACTOR = 100.0
+
+
+class DivergenceCheck:
+    """Stops a run whose loss is NaN or infinite, or has grown ``DIVERGED_FACTOR`` times its
+    first step's (of this run, or of this resume) within a few steps, with what to do about it."""
+
+    def __init__(self) -> None:
+        self.first: float | None = None
+
+    def check(self, loss: float, losses: Mapping[str, float], step: int, epoch: int) -> None:
+        if self.first is None and math.isfinite(loss):
+            self.first = loss
+        diverged = self.first is not None and loss > DIVERGED_FACTOR * max(self.first, 1e-3)
+        if math.isfinite(loss) and not diverged:
+            return
+        grown = f", {loss / self.first:.3g} times the first step's {self.first:.3g}" if diverged else ""
+        parts = {k: float(f"{v:.4g}") for k, v in losses.items()}
+        raise TrainingError(f"the loss is {loss:.4g} at step {step} (epoch {epoch + 1}){grown}: {parts}; "
+                            "lower --lr or set --clip-grad-norm")
 
 
 def _move_targets(targets: list[dict[str, torch.Tensor]], device: torch.device) -> list[dict[str, torch.Tensor]]:
@@ -191,6 +216,7 @@ class WorkerTraining:
         self.use_amp = device.type == "cuda" and settings.amp is not False  # amp None: on with GPUs
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.start_epoch, self.step, self.history = 0, 0, []
+        self.divergence = DivergenceCheck()
         if state is not None:
             self._restore(state)
 
@@ -206,16 +232,15 @@ class WorkerTraining:
 
     def train_step(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]],
                    epoch: int) -> dict[str, torch.Tensor]:
-        """One SGD step on a batch; returns its losses. A loss gone NaN or infinite stops the run."""
+        """One SGD step on a batch; returns its losses. A loss gone NaN, infinite or
+        ``DIVERGED_FACTOR`` times its first step's stops the run."""
         images = [image.to(self.device, non_blocking=True) for image in images]
         targets = _move_targets(targets, self.device)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
             losses = self.ddp_model(images, targets)
         loss = sum(losses.values())
-        if not torch.isfinite(loss):
-            parts = {k: v.item() for k, v in losses.items()}
-            raise TrainingError(f"the loss is {loss.item()} at step {self.step} (epoch {epoch + 1}): {parts}; "
-                                "lower --lr or set --clip-grad-norm")
+        values = dict(zip(losses, torch.stack([v.detach().float() for v in losses.values()]).tolist()))  # one sync
+        self.divergence.check(sum(values.values()), values, self.step, epoch)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.settings.clip_grad_norm:

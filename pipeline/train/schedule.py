@@ -37,7 +37,7 @@ def make_optimizer(model: torch.nn.Module, settings: TrainSettings, steps_per_ep
     """SGD over the trainable parameters and its per-step schedule, as ``settings`` asks.
     Returns (parameters, optimizer, scheduler); bench/train.py's plain loop uses it too."""
     parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(parameters, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
+    optimizer = torch.optim.SGD(parameters, lr=settings.base_lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
     total_steps = settings.epochs * steps_per_epoch
     milestones = steps_at_epochs(settings.lr_steps or default_lr_steps(settings.epochs), steps_per_epoch)
     warmup = min(settings.warmup_iters, total_steps)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from maskray.pipeline.options import STORAGE_OPTIONS_HELP, GatherPairs, json_key_value, storage_options
-from maskray.pipeline.storage import public_url
+from maskray.pipeline.storage import absolute_url, public_url
 
 RUN_NAME = "checkpoints"  # Ray Train's run folder inside the output
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -27,6 +27,13 @@ PRESETS = ("light", "resnet50_fpn")
 SCHEDULES = ("step", "cosine")
 NORMS = ("auto", "frozen", "batch")
 EXPORT_DTYPES = ("float32", "float16", "bfloat16")  # maskray.model.checkpoint.WEIGHTS_DTYPES, without torch
+
+# torchvision's reference recipe: lr 0.02 for 16 images per step (8 GPUs x 2), scaled linearly
+# to the run's total batch (Goyal et al., "Accurate, Large Minibatch SGD"), the warm-up kept.
+REFERENCE_LR, REFERENCE_BATCH = 0.02, 16
+
+# The fields that name files or folders.
+PATHS = ("train_json", "train_images", "val_json", "val_images", "output", "init")
 
 # The sections of ``maskray train --help``.
 DATA = "data (paths or fsspec URLs: s3://, gs://, file://, ...)"
@@ -59,8 +66,9 @@ class TrainSettings:
         "passes over the training set (default %(default)s)", OPTIMISATION))
     batch_size: int = field(default=2, metadata=_option(
         "images per worker per step (default %(default)s)", OPTIMISATION))
-    lr: float = field(default=0.02, metadata=_option(
-        "base learning rate of SGD (default %(default)s, for 8 workers x 2 images)", OPTIMISATION))
+    lr: float | None = field(default=None, metadata=_option(
+        f"base learning rate of SGD (default: {REFERENCE_LR} x workers x batch size / {REFERENCE_BATCH}, "
+        "the linear scaling rule)", OPTIMISATION))
     momentum: float = field(default=0.9, metadata=_option("SGD momentum (default %(default)s)", OPTIMISATION))
     weight_decay: float = field(default=1e-4, metadata=_option("SGD weight decay (default %(default)s)", OPTIMISATION))
     schedule: str = field(default="step", metadata=_option(
@@ -108,6 +116,9 @@ class TrainSettings:
     progress: bool = field(default=True, metadata=_option("no progress bar"))
 
     def __post_init__(self) -> None:
+        # Resolved where the user typed them (the driver): Ray Train's workers run in folders of their own.
+        for name in PATHS:
+            setattr(self, name, absolute_url(getattr(self, name)))
         self.lr_steps = tuple(int(s) for s in self.lr_steps)
         problems = []
         if self.workers < 1:
@@ -116,7 +127,7 @@ class TrainSettings:
             problems.append(f"epochs must be at least 1 (got {self.epochs})")
         if self.batch_size < 1:
             problems.append(f"batch size must be at least 1 (got {self.batch_size})")
-        if not self.lr > 0:
+        if self.lr is not None and not self.lr > 0:
             problems.append(f"lr must be positive (got {self.lr})")
         if self.schedule not in SCHEDULES:
             problems.append(f"schedule must be 'step' or 'cosine' (got {self.schedule!r})")
@@ -133,14 +144,22 @@ class TrainSettings:
         if problems:
             raise ValueError("; ".join(problems))
 
+    @property
+    def base_lr(self) -> float:
+        """``lr``, or the linear scaling rule's rate for this run's total batch when it is not given."""
+        if self.lr is not None:
+            return self.lr
+        return REFERENCE_LR * self.workers * self.batch_size / REFERENCE_BATCH
+
     def public(self) -> dict[str, Any]:
         """The settings as plain data without credentials: for settings.json and logs."""
         data = dataclasses.asdict(self)
         data.pop("storage_options")
-        for key in ("train_json", "train_images", "output", "val_json", "val_images", "init"):
+        for key in PATHS:
             if data[key] is not None:
                 data[key] = public_url(data[key])
         data["lr_steps"] = list(self.lr_steps)
+        data["base_lr"] = self.base_lr
         return data
 
 
