@@ -35,6 +35,7 @@ bench: setup
 	$(BIN)/python bench/model.py --light
 	$(BIN)/python bench/pipeline.py
 	$(BIN)/python bench/train.py
+	$(BIN)/python bench/show.py
 
 # Compile-only check of the CUDA kernels (needs nvcc, not a GPU).
 cuda-check: setup

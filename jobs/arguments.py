@@ -6,7 +6,8 @@ options: each field's metadata says how it is given on the command line, and
 the parsed arguments back into the dataclass (whose own checks then run). Field metadata:
 
 - ``help`` (required): the option's help; ``%(default)s`` shows the field's default.
-- ``type``: what parses the text (default: the field's type, ``int``, ``float`` or ``str``). A
+- ``type``: what parses the text (default: the field's type, ``int``, ``float`` or ``str``); an
+  option parsed by ``storage_options`` defaults to the environment's MASKRAY_STORAGE_OPTIONS. A
   number's range is never checked here but by the dataclass (``validate`` or ``__post_init__``),
   so that the command line and the Python API refuse the same values with the same message.
 - ``choices``, ``metavar``, ``nargs``, ``action``: as in ``add_argument``.
@@ -28,12 +29,18 @@ import types
 import typing
 from typing import Any
 
-from maskray.pipeline.options import STORAGE_OPTIONS_HELP, storage_options
+from maskray.pipeline.options import (
+    STORAGE_OPTIONS_HELP,
+    command_line_default,
+    storage_options,
+    storage_options_default,
+)
 
 
 def add_storage_options_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--storage-options", type=storage_options, default={}, metavar="JSON",
-                        help=STORAGE_OPTIONS_HELP)
+    """``--storage-options JSON|@FILE``, by default the environment's MASKRAY_STORAGE_OPTIONS."""
+    parser.add_argument("--storage-options", type=storage_options, default=storage_options_default(),
+                        metavar="JSON|@FILE", help=STORAGE_OPTIONS_HELP)
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, settings_class: type) -> dict[str, Any]:
@@ -64,8 +71,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, settings_class: typ
             spec["type"] = kind
         if default is dataclasses.MISSING:
             spec["required"] = True
-        else:
-            spec["default"] = default
+        else:  # a value from the environment for some (storage options): maskray.pipeline.options
+            spec["default"] = command_line_default(spec.get("type"), default)
         flag = spec.pop("flag", "--" + dashed)
         target.add_argument(flag, dest=spec.pop("dest", field.name), **spec)
     return groups

@@ -35,6 +35,7 @@ SUBCOMMANDS = {
     "query": ("maskray.jobs.query", "run SQL (DuckDB) over a segmentation output: views instances, images"),
     "show": ("maskray.jobs.show", "draw an image's masks, boxes, labels and scores into a PNG"),
     "selfcheck": ("maskray.jobs.selfcheck", "check the compiled RoI operators against torchvision"),
+    "cluster": ("maskray.jobs.cluster", "start or stop a Ray cluster on 127.0.0.1 for `ray job submit` (token auth)"),
 }
 
 # What the user got wrong, or storage refused: said in one line, exit status 2.

@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
 
     first = sorted((images / "images").iterdir())[0]
     print(f"\n4. picture: maskray show {output} {first.name} -o {overlay}")
-    maskray(["show", str(output), first.name, "-o", str(overlay), "--min-score", "0.5"])
+    maskray(["show", str(output), first.name, "-o", str(overlay)])
     if weights != str(DEMO_WEIGHTS) and args.weights is None:
         print("\nNOTE: these weights are UNTRAINED (no demo model in model/weights/): the masks above are noise.")
     return 0

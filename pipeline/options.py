@@ -5,26 +5,69 @@ The settings dataclasses (``maskray.pipeline.segment.settings``, ``maskray.pipel
 name these in their fields' metadata for values that are not plain numbers (JSON, KEY=VALUE);
 ``maskray.jobs.arguments`` turns the fields into options. Their numbers are parsed as plain int
 or float and their ranges checked by the dataclasses themselves, in one place. ``positive_int``
-is for the small commands whose options are not a dataclass (demo, evaluate, show).
+and ``positive_float`` are for the small commands whose options are not a dataclass (demo, evaluate, show).
 This module imports nothing heavy, so that ``--help`` comes back at once.
 """
 
 import argparse
 import json
+import os
+from pathlib import Path
 
-STORAGE_OPTIONS_HELP = ('fsspec storage options as JSON, e.g. \'{"client_kwargs": {"endpoint_url": "http://..."}}\' '
-                        "(never written to the output or the logs; credentials are better left to the environment)")
+# Where the storage options come from when --storage-options is not given: JSON, or @FILE.
+STORAGE_OPTIONS_VARIABLE = "MASKRAY_STORAGE_OPTIONS"
+
+STORAGE_OPTIONS_HELP = (
+    "fsspec storage options (endpoint, credentials, anon): JSON, e.g. '{\"anon\": true}', or @FILE, a JSON file "
+    f"(relative to the working directory); default: the environment's {STORAGE_OPTIONS_VARIABLE} (JSON or @FILE), "
+    "else none. Never written to the output or maskray's logs. Inline JSON is on the command line (ps, shell "
+    f"history, and Ray's job table under ray job submit): give credentials by @FILE or {STORAGE_OPTIONS_VARIABLE}")
+
+
+class _FromEnvironment(str):
+    """The text of the variable above, as the option's default (argparse parses a str default with
+    the option's type, and reports its errors as the option's): marked so that errors name it."""
 
 
 def storage_options(text: str) -> dict:
+    """Storage options from their text: a JSON object, or ``@FILE`` (a file holding one). The
+    text may hold credentials: no error echoes it or the file's content, only where it breaks."""
+    source = f"{STORAGE_OPTIONS_VARIABLE}: " if isinstance(text, _FromEnvironment) else ""
+    if text.startswith("@"):
+        path = text[1:]
+        if not path.strip():
+            raise argparse.ArgumentTypeError(f"{source}@ must be followed by a file name, e.g. @options.json")
+        source = f"{path} (from {STORAGE_OPTIONS_VARIABLE}): " if source else f"{path}: "
+        try:
+            text = Path(path).read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError:
+            raise argparse.ArgumentTypeError(f"{source}not UTF-8 text") from None
+        except (OSError, ValueError) as error:  # ValueError: a NUL in the name
+            reason = getattr(error, "strerror", None) or "cannot be read"
+            raise argparse.ArgumentTypeError(f"{source}{reason[0].lower()}{reason[1:]}") from None
     try:
         options = json.loads(text)
     except json.JSONDecodeError as error:
-        # The text may hold credentials: say where it breaks, never echo it.
-        raise argparse.ArgumentTypeError(f"not valid JSON ({error.msg} at character {error.pos})") from None
+        where = f"line {error.lineno} column {error.colno}" if "\n" in text.strip() else f"character {error.pos}"
+        raise argparse.ArgumentTypeError(f"{source}not valid JSON ({error.msg} at {where})") from None
+    except (ValueError, RecursionError):  # nested too deep, numbers too long
+        raise argparse.ArgumentTypeError(f"{source}not valid JSON") from None
     if not isinstance(options, dict):
-        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"anon\": true}'")
+        raise argparse.ArgumentTypeError(f"{source}must be a JSON object, e.g. '{{\"anon\": true}}'")
     return options
+
+
+def storage_options_default() -> dict | str:
+    """The default of a --storage-options option: the environment's MASKRAY_STORAGE_OPTIONS when
+    set, parsed by argparse (only if the option is not given, with its errors), else none."""
+    text = os.environ.get(STORAGE_OPTIONS_VARIABLE, "")
+    return _FromEnvironment(text) if text.strip() else {}
+
+
+def command_line_default(parse, default):
+    """The argparse default of an option whose values ``parse`` reads: for storage options, the
+    environment's (``storage_options_default``); for any other, ``default`` itself."""
+    return storage_options_default() if parse is storage_options else default
 
 
 def positive_int(text: str) -> int:
@@ -34,6 +77,17 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A number above zero, said like argparse's own errors when it is not."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
 
 

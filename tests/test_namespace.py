@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from maskray.pipeline.cluster import accepts_connections
 from maskray.pipeline.results.query import connect
 from maskray.pipeline.train.shapes import make_image
 
@@ -178,7 +179,7 @@ def ray_head(env: dict[str, str], log: Path) -> Iterator[str]:
                                 start_new_session=True)
     try:
         deadline = time.monotonic() + 180
-        while "Ray runtime started" not in log.read_text() or not _accepts(dashboard):
+        while "Ray runtime started" not in log.read_text() or not accepts_connections(dashboard):
             assert head.poll() is None, f"ray start exited:\n{log.read_text()[-5000:]}"
             assert time.monotonic() < deadline, f"no cluster within 3 minutes:\n{log.read_text()[-5000:]}"
             time.sleep(0.5)
@@ -196,14 +197,6 @@ def ray_head(env: dict[str, str], log: Path) -> Iterator[str]:
                 pass
         head.wait()
         shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def _accepts(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 @pytest.mark.slow

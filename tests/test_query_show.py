@@ -1,6 +1,7 @@
 """Reading an output back: DuckDB views and pyarrow datasets (local and on the loopback S3
-server), the totals, and the overlay picture. The outputs are committed directly with known
-masks (pycocotools encodes them), so no model or Ray is needed here."""
+server), the totals, and the overlay picture (its drawing in detail: tests/test_pictures.py).
+The outputs are committed directly with known masks (pycocotools encodes them), so no model or
+Ray is needed here."""
 
 import io
 
@@ -13,7 +14,8 @@ from pycocotools import mask as mask_utils
 from maskray.jobs.cli import main
 from maskray.pipeline.errors import QueryError
 from maskray.pipeline.results.query import connect, open_table, output_totals
-from maskray.pipeline.results.show import render_overlay
+from maskray.pipeline.results.show import auto_scale, render_overlay
+from maskray.pipeline.segment.manifest import Manifest
 from maskray.pipeline.segment.output import IMAGES_SCHEMA, INSTANCES_SCHEMA, commit_shard, table_to_parquet_bytes
 from maskray.pipeline.storage import open_url
 
@@ -47,6 +49,8 @@ def write_output(fs, output: str, image_uri: str) -> list[np.ndarray]:
     lone = pa.table({"image_uri": ["s3://b/c.jpg"], "image_id": [2], "width": [8], "height": [8], "instances": [0],
                      "status": ["ok"], "error": [None]}, schema=IMAGES_SCHEMA)
     commit_shard(fs, output, 1, {"instances": empty, "images": lone}, {}, {"shard": 1})
+    Manifest(input="s3://b/", output=output, weights={"name": "w.pt", "sha256": "ab"}, config={}, options={},
+             versions={}, status="complete").write(fs, output)  # what the commands check first
     return [first, second]
 
 
@@ -127,26 +131,26 @@ def test_overlay_draws_masks_where_they_are(tmp_path):
     fs, output = open_url(str(tmp_path / "out"))
     masks = write_output(fs, output, f"file://{tmp_path}/a.png")
 
+    # A small image is enlarged a whole number of times by default, masks with it.
     picture, count = render_overlay(str(tmp_path / "out"), "a.png")
+    scale = auto_scale(HEIGHT, WIDTH)
+    enlarge = lambda a: np.repeat(np.repeat(a, scale, axis=0), scale, axis=1)
     drawn = np.asarray(picture)
-    assert count == 2 and drawn.shape == pixels.shape
-    changed = (drawn != pixels).any(axis=2)
+    assert count == 2 and scale > 1 and drawn.shape == (HEIGHT * scale, WIDTH * scale, 3)
+    changed = (drawn != enlarge(pixels)).any(axis=2)
     for mask in masks:
-        inner = mask.copy()
-        inner[[*np.where(mask.any(1))[0][[0, -1]]], :] = False  # leave the box outline out
-        assert changed[inner].mean() > 0.95  # the mask is tinted
-    # Left of both boxes, and the rows between them, nothing is drawn (labels go inside boxes, rightwards).
-    untouched = np.zeros((HEIGHT, WIDTH), bool)
-    untouched[:, :9] = untouched[21:24, :] = True
+        assert changed[enlarge(mask)].mean() > 0.99  # the mask is tinted
+    # Left of both boxes' lines, and the rows between the first box and the second's tag
+    # (tags go above their box), nothing is drawn.
+    untouched = np.zeros(changed.shape, bool)
+    untouched[:, :10 * scale - 4] = True
+    untouched[20 * scale + 4:25 * scale - 40, :] = True
     assert not changed[untouched].any()
 
     picture, count = render_overlay(str(tmp_path / "out"), "a.png", min_score=0.85)
     assert count == 1
-    enlarged, _ = render_overlay(str(tmp_path / "out"), "a.png", scale=3)
-    drawn_large = np.asarray(enlarged)
-    assert drawn_large.shape == (3 * HEIGHT, 3 * WIDTH, 3)
-    tinted = (drawn_large != np.repeat(np.repeat(pixels, 3, axis=0), 3, axis=1)).any(axis=2)
-    assert tinted[np.repeat(np.repeat(masks[1], 3, axis=0), 3, axis=1)].mean() > 0.95  # masks scaled with the picture
+    same, _ = render_overlay(str(tmp_path / "out"), "a.png", scale=1)
+    assert np.asarray(same).shape == pixels.shape
     with pytest.raises(LookupError, match="no image 'nothing.png'"):
         render_overlay(str(tmp_path / "out"), "nothing.png")
     with pytest.raises(ValueError, match="could not be segmented: empty file"):
@@ -164,7 +168,7 @@ def test_png_bytes_of_overlay_open(tmp_path):
     Image.fromarray(np.zeros((HEIGHT, WIDTH, 3), np.uint8)).save(tmp_path / "a.png")
     fs, output = open_url(str(tmp_path / "out"))
     write_output(fs, output, f"file://{tmp_path}/a.png")
-    picture, _ = render_overlay(str(tmp_path / "out"), f"file://{tmp_path}/a.png")
+    picture, _ = render_overlay(str(tmp_path / "out"), f"file://{tmp_path}/a.png", scale=1)
     buffer = io.BytesIO()
     picture.save(buffer, "PNG")
     assert Image.open(io.BytesIO(buffer.getvalue())).size == (WIDTH, HEIGHT)

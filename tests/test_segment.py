@@ -390,7 +390,7 @@ def test_runs_on_a_second_node(ray_cluster, local_input, weights_path, tmp_path)
          "--score-threshold: invalid float value"),
         (["segment", "in", "out", "--weights", "w", "--storage-options", '{"secret": "hunter22'], "--storage-options: not valid JSON"),
         (["segment", "in", "out", "--weights", "w", "--storage-options", "[1]"], "must be a JSON object"),
-        (["show", "out", "a.png", "-o", "x.png", "--scale", "0"], "--scale: must be at least 1"),
+        (["show", "out", "a.png", "-o", "x.png", "--scale", "0"], "--scale: must be a positive number, got 0"),
         (["demo", "--images", "0"], "--images: must be at least 1"),
     ],
 )

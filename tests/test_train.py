@@ -458,3 +458,29 @@ def test_a_learning_rate_far_too_high_stops_within_a_few_steps(tiny_shapes, tmp_
     with pytest.raises(TrainingError, match=r"the loss is \S+ at step (\d) \(epoch 1\)") as raised:
         train(dataclasses.replace(settings, workers=1, cpus_per_worker=2), log=lambda _: None)
     assert "lower --lr or set --clip-grad-norm" in str(raised.value)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_run_in_one_line_that_says_how_to_go_on(tiny_shapes, tmp_path):
+    output = tmp_path / "run"
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    env.pop("RAY_ADDRESS", None)
+    command = [sys.executable, "-m", "maskray.jobs.train", *tiny_args(tiny_shapes, str(output), "--epochs", "12")]
+    # A shell's foreground job: Ctrl-C signals its whole process group, its local Ray included.
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, start_new_session=True, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while not snapshot_checkpoints(output / RUN_NAME):
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
+            time.sleep(0.1)
+        os.killpg(process.pid, signal.SIGINT)
+        out, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            kill_session(process)
+    assert process.returncode == 130, err[-3000:]
+    assert "Traceback" not in err + out, err[-3000:]
+    latest = recorded_checkpoint(str(output))
+    assert err.strip().splitlines()[-1] == (f"maskray train: interrupted: the run in {output} keeps its checkpoints up "
+                                            f"to {latest}; the same command with --resume goes on from there")

@@ -192,16 +192,20 @@ def test_ctrl_c_stops_the_job_in_one_line_and_the_same_command_resumes(tmp_path)
     command = [sys.executable, "-m", "maskray.jobs.segment", str(folder), str(output), "--weights", WEIGHTS,
                "--shard-size", "2", "--num-actors", "1", "--batch-size", "1", "--no-progress"]
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Its own process group, as a shell's foreground job: Ctrl-C signals the whole group (the
+    # local Ray that the job started included), not only the driver.
+    job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
     try:
         deadline = time.monotonic() + 300
         while not (output / "_done").is_dir() or not any((output / "_done").iterdir()):
             assert job.poll() is None and time.monotonic() < deadline, job.communicate()[1][-3000:]
             time.sleep(0.2)
-        job.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        os.killpg(job.pid, signal.SIGINT)  # what Ctrl-C sends
         out, err = job.communicate(timeout=120)
     finally:
-        job.kill()
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
     assert job.returncode == 130, err[-3000:]
     assert "Traceback" not in err and "Traceback" not in out, err[-3000:]
     last = err.strip().splitlines()[-1]

@@ -64,7 +64,8 @@ class JobSummary:
             lines.append(f"this run: {self.shards_run} of {self.shards} shards, {self.images_run:,} images in "
                          f"{self.seconds:.1f} s ({rate:.2f} images/s)")
         else:
-            lines.append(f"nothing to do: all {self.shards} shards were already done")
+            done = "the one shard was" if self.shards == 1 else f"all {self.shards} shards were"
+            lines.append(f"nothing to do: {done} already done")
         if self.actors_lost or self.retries:
             lines.append(f"{self.actors_lost} actor(s) lost, {self.retries} shard(s) retried; every retried shard was "
                          "rewritten whole")

@@ -27,7 +27,7 @@ class SegmentJob:
     weights: str = field(metadata={
         "metavar": "CKPT", "help": "a maskray checkpoint or a torchvision Mask R-CNN state dict"})
     storage_options: dict[str, Any] = field(default_factory=dict, metadata={
-        "type": storage_options, "metavar": "JSON", "help": STORAGE_OPTIONS_HELP})
+        "type": storage_options, "metavar": "JSON|@FILE", "help": STORAGE_OPTIONS_HELP})
     batch_size: int = field(default=2, metadata={"help": "images per model call (default %(default)s)"})
     shard_size: int = field(default=64, metadata={
         "help": "images per shard, the unit of work and resume (default %(default)s)"})

@@ -26,7 +26,7 @@ from typing import Any
 from maskray.model import MaskRCNN
 from maskray.model.checkpoint import safe_load
 from maskray.pipeline.cluster import connect_ray
-from maskray.pipeline.errors import MaskrayError, TrainingError
+from maskray.pipeline.errors import Interrupted, MaskrayError, TrainingError
 from maskray.pipeline.storage import (
     check_output_is_ours,
     join,
@@ -123,6 +123,45 @@ def _worker_reason(error: BaseException) -> BaseException | str:
     return error
 
 
+def _fit_interruptibly(trainer):
+    """``trainer.fit()``, with Ctrl-C raised here as KeyboardInterrupt.
+
+    In the main thread, Ray Train takes SIGINT over: it asks its controller to abort and, when a
+    Ctrl-C has reached the controller too (the terminal signals the whole process group), calls
+    sys.exit, and the run ends with status 1 and no word. From another thread it leaves SIGINT
+    alone (as under Ray Tune). Leaving without waiting for the workers is safe: a checkpoint is
+    only recorded once whole, so a resume starts from the last recorded one (tests/test_train.py)."""
+    import threading
+
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as error:  # noqa: BLE001 - handed to the main thread as it is
+            outcome["error"] = error
+
+    thread = threading.Thread(target=fit, name="maskray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def _interrupted(settings: TrainSettings) -> str:
+    """What a Ctrl-C leaves: the checkpoints recorded so far, and how to go on."""
+    where = public_url(settings.output)
+    try:
+        latest = recorded_checkpoint(settings.output, settings.storage_options)
+    except (MaskrayError, OSError):  # storage failing too: say what can be said
+        latest = None
+    if latest is None:
+        return f"stopped before the first checkpoint of the run in {where}; the same command starts it again"
+    return f"the run in {where} keeps its checkpoints up to {latest}; the same command with --resume goes on from there"
+
+
 def train(settings: TrainSettings, address: str | None = None, log=print) -> dict[str, Any]:
     """Runs the training job; returns the last epoch's metrics and where the model went."""
     from maskray.pipeline.storage import check_reachable
@@ -201,7 +240,9 @@ def train(settings: TrainSettings, address: str | None = None, log=print) -> dic
         + (" (the linear scaling rule)" if settings.lr is None else "") + f", output {public_url(settings.output)}")
     started = time.perf_counter()
     try:
-        result = trainer.fit()
+        result = _fit_interruptibly(trainer)
+    except KeyboardInterrupt:
+        raise Interrupted(redact(_interrupted(settings), secrets)) from None
     except Exception as error:  # noqa: BLE001 - Ray wraps the worker's error; say it without secrets
         raise TrainingError(redact(f"training failed: {_worker_reason(error)}", secrets)) from None
     if getattr(result, "error", None) is not None:

@@ -112,7 +112,7 @@ class TrainSettings:
         "dtype model.pt stores its weights in (float16 halves the file; loading gives float32)", MODEL,
         choices=EXPORT_DTYPES))
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False, metadata=_option(
-        STORAGE_OPTIONS_HELP, DATA, type=storage_options, metavar="JSON"))
+        STORAGE_OPTIONS_HELP, DATA, type=storage_options, metavar="JSON|@FILE"))
     progress: bool = field(default=True, metadata=_option("no progress bar"))
 
     def __post_init__(self) -> None:
