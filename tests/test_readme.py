@@ -29,7 +29,7 @@ def readme_block(heading: str, index: int = 0) -> str:
     start = text.index(f"\n## {heading}\n")
     end = text.find("\n## ", start + 1)
     section = text[start:end if end != -1 else len(text)]
-    return re.findall(r"```bash\n(.*?)```", section, re.S)[index]
+    return re.findall(r"```bash\n(.*?)```", section, re.DOTALL)[index]
 
 
 def smaller(block: str, substitutions: dict[str, str]) -> str:
@@ -41,7 +41,7 @@ def smaller(block: str, substitutions: dict[str, str]) -> str:
 
 def run_block(block: str, cwd: Path, env: dict[str, str], timeout: float) -> str:
     """``block`` run by bash (stopping at the first command that fails); its output."""
-    done = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", block], cwd=cwd, env=env, timeout=timeout, text=True,
+    done = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", block], check=False, cwd=cwd, env=env, timeout=timeout, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert done.returncode == 0, f"{block}\n---\n{done.stdout[-6000:]}"
     return done.stdout
