@@ -28,7 +28,7 @@ demo: setup
 	$(BIN)/maskray demo
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=20
 
 bench: setup
 	$(BIN)/python bench/roi_ops.py

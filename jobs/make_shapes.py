@@ -8,6 +8,7 @@ same seed gives the same images; another seed gives a held-out set.
 import argparse
 import sys
 
+from maskray.jobs.arguments import add_storage_options_argument
 from maskray.jobs.cli import reports_user_errors
 
 
@@ -16,6 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--count", type=int, required=True, help="number of images")
     parser.add_argument("--seed", type=int, default=0, help="seed (default 0); image i depends only on (seed, i)")
     parser.add_argument("--size", default="160x128", help="image size WIDTHxHEIGHT (default 160x128)")
+    add_storage_options_argument(parser)
 
 
 @reports_user_errors
@@ -23,7 +25,8 @@ def run(args: argparse.Namespace) -> int:
     from maskray.pipeline.storage import public_url
     from maskray.pipeline.train.shapes import parse_size, write_shapes
 
-    summary = write_shapes(args.out, args.count, args.seed, parse_size(args.size), progress=True)
+    summary = write_shapes(args.out, args.count, args.seed, parse_size(args.size), args.storage_options,
+                           progress=True)
     print(f"maskray make-shapes: {summary['images']} images, {summary['instances']} instances -> "
           f"{public_url(args.out)} (annotations.json, images/)")
     return 0

@@ -33,8 +33,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
-KINDS = ("503", "500", "drop", "slow", "cut")
+KINDS = ("503", "500", "403", "drop", "slow", "cut")
 _ANSWERS = {
+    # Credentials the store does not know: what a wrong or revoked key gets.
+    "403": ("403 Forbidden", "InvalidAccessKeyId", "The AWS Access Key Id you provided does not exist in our records."),
     "503": ("503 Slow Down", "SlowDown", "Please reduce your request rate."),
     "500": ("500 Internal Server Error", "InternalError", "We encountered an internal error. Please try again."),
 }

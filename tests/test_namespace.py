@@ -8,26 +8,18 @@ Ray's unpacked copy of it (the job's cwd and its workers' PYTHONPATH). Before th
 workers imported the user's model.py instead of ours. Here the user's modules raise when
 imported, so any such import fails the job loudly. Every job runs in a subprocess with a
 temporary HOME (Ray keeps its auth token in ~/.ray) and without RAY_ADDRESS, so that the tests
-depend on nothing of the machine's.
+depend on nothing of the machine's. The ``ray job submit`` case is tests/test_cluster_way.py's,
+whose user folder holds the same traps.
 """
 
 import json
 import os
-import secrets
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from maskray.pipeline.cluster import accepts_connections
 from maskray.pipeline.results.query import connect
 from maskray.pipeline.train.shapes import make_image
 
@@ -131,90 +123,3 @@ def test_segment_from_a_user_folder_on_a_local_cluster(user_folder):
     assert done.returncode == 0, done.stdout[-5000:]
     assert f"{len(IMAGES)} images (0 errors)" in done.stdout
     assert_every_image_segmented(user_folder / "out")
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports free on 127.0.0.1 now (the sockets stay open until all are picked, so they differ)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def processes_of(session: int, temp_dir: str) -> list[int]:
-    """Our cluster's processes: those of `ray start`'s session, and any (a job's driver runs in a
-    session of its own) whose working directory is in the cluster's temp dir."""
-    found = []
-    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
-        try:
-            if os.getsid(pid) == session or os.readlink(f"/proc/{pid}/cwd").startswith(temp_dir + os.sep):
-                found.append(pid)
-        except OSError:  # gone, or not ours to look at
-            pass
-    return found
-
-
-@contextmanager
-def ray_head(env: dict[str, str], log: Path) -> Iterator[str]:
-    """A one-node cluster started with `ray start --head`, on 127.0.0.1 only; yields the address of
-    its dashboard, which is where `ray job submit` sends a job.
-
-    Every port is chosen here, not left at Ray's defaults (6379, 8265, 10001, 52365): another Ray
-    on this machine may hold those. Its own temp dir, short for Ray's socket paths (at most 107
-    bytes), and `--block`, so that a SIGTERM to the one process we started stops exactly this
-    cluster: `ray stop` would stop every Ray of the machine's."""
-    gcs, dashboard, agent, client = free_ports(4)
-    temp_dir = tempfile.mkdtemp(prefix="mr-ray-")
-    command = [VENV_BIN / "ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-               "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-               f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}",
-               f"--temp-dir={temp_dir}", "--num-cpus=4", f"--object-store-memory={256 * 1024**2}",
-               "--disable-usage-stats"]
-    with open(log, "w") as out:
-        head = subprocess.Popen([str(c) for c in command], env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    try:
-        deadline = time.monotonic() + 180
-        while "Ray runtime started" not in log.read_text() or not accepts_connections(dashboard):
-            assert head.poll() is None, f"ray start exited:\n{log.read_text()[-5000:]}"
-            assert time.monotonic() < deadline, f"no cluster within 3 minutes:\n{log.read_text()[-5000:]}"
-            time.sleep(0.5)
-        yield f"http://127.0.0.1:{dashboard}"
-    finally:
-        head.send_signal(signal.SIGTERM)  # it drains the node and stops what it started (a few seconds)
-        try:
-            head.wait(60)
-        except subprocess.TimeoutExpired:
-            pass
-        for pid in processes_of(head.pid, temp_dir):  # whatever outlived it
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        head.wait()
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-@pytest.mark.slow
-def test_segment_submitted_with_ray_job_submit(user_folder, tmp_path):
-    # Ray 2.60 starts a cluster with token authentication when it finds a token (RAY_AUTH_TOKEN,
-    # RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token), and without when it finds none. A client must
-    # both say RAY_AUTH_MODE=token and have the token, or the dashboard answers 401 ("Missing
-    # authentication token"); the token alone is not enough. So: token authentication on, with a
-    # token of this test's, given to the cluster (and through it to the job) and to the client alike.
-    env = job_environment(tmp_path / "home", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
-    output = tmp_path / "job-out"
-    with ray_head(env, tmp_path / "ray-head.log") as address:
-        # The job runs in Ray's unpacked copy of --working-dir (its cwd, and first on its workers'
-        # PYTHONPATH): images/ is read from that copy; the output is given as an absolute path,
-        # or it would land in the copy and go with the cluster.
-        command = [VENV_BIN / "ray", "job", "submit", "--address", address, "--working-dir", ".", "--",
-                   "python", "-m", "maskray.jobs.segment", "images/", output, "--weights", WEIGHTS, "--no-progress"]
-        done = run(command, user_folder, env, timeout=600)  # waits for the job; exits 1 if it failed
-    assert done.returncode == 0, done.stdout[-5000:]
-    assert f"{len(IMAGES)} images (0 errors)" in done.stdout
-    assert_every_image_segmented(output)

@@ -21,6 +21,7 @@ from maskray.jobs.cli import main
 from maskray.pipeline.results.query import connect
 from maskray.pipeline.storage import open_url
 from maskray.pipeline.train.shapes import make_image, write_shapes
+from tests.faults import FaultProxy, FaultRule
 from tests.test_query_show import write_output
 from tests.test_storage import without_waits
 
@@ -71,6 +72,18 @@ def test_missing_credentials(command, s3, no_aws_credentials, tmp_path, capsys, 
     assert main(argv_of(command, s3.url(), options, tmp_path)) == 2
     line = one_line(capsys, command)
     assert f"s3://{s3.name}" in line and "no credentials were found" in line, line
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_refused_credentials(command, s3, tmp_path, capsys, monkeypatch):
+    without_waits(monkeypatch)
+    with FaultProxy(s3.endpoint, [FaultRule("403")]) as proxy:  # every request: an unknown access key
+        options = {**s3.storage_options, "client_kwargs": {**s3.storage_options["client_kwargs"],
+                                                           "endpoint_url": proxy.endpoint}}
+        assert main(argv_of(command, s3.url(), options, tmp_path)) == 2
+    line = one_line(capsys, command)
+    assert f"s3://{s3.name}" in line and "access was refused: check the credentials" in line, line
+    assert s3.storage_options["secret"] not in line
 
 
 @pytest.mark.parametrize("command", COMMANDS)
