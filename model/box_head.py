@@ -1,10 +1,16 @@
 """The box head (Fast R-CNN): two fully connected layers over each pooled RoI, then the
-predictor of class logits and per-class box deltas."""
+predictor of class logits and per-class box deltas.
+
+v2 (torchvision's ``*_resnet50_fpn_v2``, Detectron's "4conv1fc" head with BatchNorm) replaces
+the two fully connected layers by four 3x3 convs with BatchNorm over the 7x7 RoI feature and
+one fully connected layer (``box_head_convs=4``, ``head_norm="batch"``); the predictor is v1's."""
 
 from __future__ import annotations
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from maskray.model.conv_norm import ConvNormActivation
 
 
 class BoxHead(nn.Module):
@@ -20,6 +26,30 @@ class BoxHead(nn.Module):
         # the order fc6's weights were trained in.
         x = F.relu(self.fc6(pooled.flatten(start_dim=1)))
         return F.relu(self.fc7(x))
+
+
+class ConvFCBoxHead(nn.Sequential):
+    """``convs`` x (3x3 conv [+ BatchNorm] + ReLU) -> flatten -> fc -> ReLU (torchvision's
+    FastRCNNConvFCHead with one fully connected layer, same keys: 0.0.weight .. 3.1.weight, 5.weight)."""
+
+    def __init__(self, in_channels: int, pool_size: int, convs: int, channels: int, representation_size: int,
+                 norm: str = "batch", fold_batchnorm: bool = True):
+        blocks: list[nn.Module] = [
+            ConvNormActivation(in_channels if i == 0 else channels, channels, 3, norm, fold_batchnorm=fold_batchnorm)
+            for i in range(convs)
+        ]
+        # nn.Flatten follows the logical (C, H, W) order whatever the memory format, as fc6 does.
+        blocks += [nn.Flatten(), nn.Linear(channels * pool_size**2, representation_size), nn.ReLU(inplace=True)]
+        super().__init__(*blocks)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    @property
+    def out_features(self) -> int:
+        return self[-2].out_features
 
 
 class BoxPredictor(nn.Module):

@@ -186,6 +186,50 @@ def read_torchvision_state_dict(
     return dict(state_dict)
 
 
+def _count(state_dict: dict, key: str) -> int:
+    """How many of ``key.format(0)``, ``key.format(1)``, ... the state dict has, in a row."""
+    n = 0
+    while key.format(n) in state_dict:
+        n += 1
+    return n
+
+
+def torchvision_layout(state_dict: dict[str, Tensor]) -> dict[str, Any]:
+    """The config fields that a torchvision Mask R-CNN state dict's keys fix: which parts it has
+    (v1's or v2's, a mask head or not). Keys of older torchvision (rpn.head.conv.weight) count as v1's."""
+    layout: dict[str, Any] = {
+        "mask": "roi_heads.mask_predictor.mask_fcn_logits.weight" in state_dict,
+        # v2's FPN convs are followed by a BatchNorm: inner_blocks.0.1.* is it.
+        "fpn_norm": "batch" if "backbone.fpn.inner_blocks.0.1.weight" in state_dict else "none",
+        "rpn_head_convs": _count(state_dict, "rpn.head.conv.{}.0.weight") or 1,
+        "box_head_convs": _count(state_dict, "roi_heads.box_head.{}.0.weight"),
+    }
+    head_norms = {key for key in ("roi_heads.box_head.0.1.weight", "roi_heads.mask_head.0.1.weight") if key in state_dict}
+    if layout["box_head_convs"] or layout["mask"]:  # otherwise no head has convs to follow
+        layout["head_norm"] = "batch" if head_norms else "none"
+    return layout
+
+
+def torchvision_name(layout: dict[str, Any]) -> str:
+    """The torchvision builder of a :func:`torchvision_layout`'s model, e.g. ``maskrcnn_resnet50_fpn_v2``."""
+    v2 = layout["rpn_head_convs"] == 2 and layout["box_head_convs"] == 4 and layout["fpn_norm"] == "batch"
+    v1 = layout["rpn_head_convs"] == 1 and layout["box_head_convs"] == 0 and layout["fpn_norm"] == "none"
+    kind = "maskrcnn" if layout["mask"] else "fasterrcnn"
+    return f"{kind}_resnet50_fpn{'_v2' if v2 else ''}" if v1 or v2 else f"{kind}_resnet50_fpn-like"
+
+
+def check_layout(config: MaskRCNNConfig, state_dict: dict[str, Tensor], name: object = "state dict") -> None:
+    """ValueError in one line when ``config`` builds other parts than the state dict holds
+    (e.g. v1's for v2's weights), naming the fields that differ."""
+    layout = torchvision_layout(state_dict)
+    differ = [f"{field}={getattr(config, field)!r} (the weights': {value!r})"
+              for field, value in layout.items() if getattr(config, field) != value]
+    if differ:
+        hint = "MaskRCNNConfig.resnet50_fpn_v2()" if "_v2" in torchvision_name(layout) else "MaskRCNNConfig.resnet50_fpn()"
+        raise ValueError(f"{_describe(name)}: {torchvision_name(layout)} weights, but the config builds other parts: "
+                         f"{', '.join(differ)}; use {hint} or no config")
+
+
 # Keys that every torchvision maskrcnn_resnet50_fpn state dict has (fasterrcnn_resnet50_fpn's too: a Faster R-CNN).
 _TORCHVISION_KEYS = ("backbone.body.conv1.weight", "roi_heads.box_predictor.cls_score.weight")
 # A Keypoint R-CNN's state dict has those keys too, and more that no Mask R-CNN takes.

@@ -1,10 +1,13 @@
 """The Mask R-CNN configuration: one dataclass that says everything a model is built from.
 
-Two presets: :meth:`MaskRCNNConfig.resnet50_fpn`, whose defaults are torchvision's
-``maskrcnn_resnet50_fpn`` (so its state dicts load and its detections are reproduced), and
+Three presets: :meth:`MaskRCNNConfig.resnet50_fpn`, whose defaults are torchvision's
+``maskrcnn_resnet50_fpn`` (so its state dicts load and its detections are reproduced),
+:meth:`MaskRCNNConfig.resnet50_fpn_v2`, torchvision's ``maskrcnn_resnet50_fpn_v2`` (BatchNorm in
+the FPN and the heads, a two-conv RPN head, a four-conv box head), and
 :meth:`MaskRCNNConfig.light`, a ResNet-18-FPN on smaller images for the CPU (tests, the demo,
-the CPU benchmarks). A config is plain data (numbers, strings, tuples), so it goes into a
-checkpoint that ``torch.load(weights_only=True)`` can read back.
+the CPU benchmarks). The fields that select v2's parts default to v1's, so configs saved before
+they existed load as what they were. A config is plain data (numbers, strings, tuples), so it
+goes into a checkpoint that ``torch.load(weights_only=True)`` can read back.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 BACKBONE_NORMS = ("frozen", "batch")
+CONV_NORMS = ("none", "batch")  # after the convs of the FPN and of the heads (maskray.model.conv_norm)
 POOLERS = ("roi_align", "roi_pool")
 
 
@@ -33,11 +37,13 @@ class MaskRCNNConfig:
 
     # backbone: a ResNet trunk with frozen BatchNorm, and an FPN over its four stages.
     # backbone_norm="batch" trains the trunk's BatchNorm (training from scratch, where there
-    # are no statistics to freeze); in eval mode it is folded like a frozen one.
+    # are no statistics to freeze, and torchvision's v2); in eval mode it is folded like a frozen
+    # one. fpn_norm="batch" puts a BatchNorm after every FPN conv (v2).
     backbone: str = "resnet50"
     trainable_backbone_layers: int = 3
     fpn_channels: int = 256
     backbone_norm: str = "frozen"
+    fpn_norm: str = "none"
 
     # image transform
     min_size: tuple[int, ...] = (800,)
@@ -61,6 +67,7 @@ class MaskRCNNConfig:
     rpn_batch_size_per_image: int = 256
     rpn_positive_fraction: float = 0.5
     rpn_score_thresh: float = 0.0
+    rpn_head_convs: int = 1  # 3x3 convs + ReLU before the RPN's predictions (v2: 2)
 
     # RoI heads
     pooler: str = "roi_align"
@@ -68,6 +75,12 @@ class MaskRCNNConfig:
     mask_pool_size: int = 14
     pool_sampling_ratio: int = 2
     representation_size: int = 1024
+    # box head: box_head_convs=0 is Fast R-CNN's two fully connected layers of
+    # representation_size (fc6, fc7); N > 0 is v2's N 3x3 convs of box_head_channels, then one
+    # fully connected layer. head_norm: what follows the convs of the box and mask heads (v2: "batch").
+    box_head_convs: int = 0
+    box_head_channels: int = 256
+    head_norm: str = "none"
     box_score_thresh: float = 0.05
     box_nms_thresh: float = 0.5
     box_detections_per_img: int = 100
@@ -115,9 +128,15 @@ class MaskRCNNConfig:
             fail("trainable_backbone_layers", "must be in [0, 5]")
         if self.backbone_norm not in BACKBONE_NORMS:
             fail("backbone_norm", f"must be one of {BACKBONE_NORMS}")
-        if self.backbone_norm == "batch" and self.trainable_backbone_layers != 5:
-            # Batch statistics in a stage whose weights are frozen would still drift.
-            fail("trainable_backbone_layers", "must be 5 with backbone_norm='batch' (the whole trunk trains)")
+        # backbone_norm="batch" with frozen stages is torchvision's v2 as built for trained weights:
+        # those stages' weights stay, their BatchNorm still normalises by batch statistics in training.
+        for name in ("fpn_norm", "head_norm"):
+            if getattr(self, name) not in CONV_NORMS:
+                fail(name, f"must be one of {CONV_NORMS}")
+        if self.rpn_head_convs < 1:
+            fail("rpn_head_convs", "must be at least 1")
+        if self.box_head_convs < 0:
+            fail("box_head_convs", "must be 0 (two fully connected layers) or more")
         if self.pooler not in POOLERS:
             fail("pooler", f"must be one of {POOLERS}")
         if not self.min_size or min(self.min_size) <= 0:
@@ -130,7 +149,8 @@ class MaskRCNNConfig:
             fail("image_std", "needs three non-zero values")
         if not self.aspect_ratios or min(self.aspect_ratios) <= 0:
             fail("aspect_ratios", "needs at least one ratio, all positive")
-        for name in ("fpn_channels", "representation_size", "mask_head_channels", "box_detections_per_img"):
+        for name in ("fpn_channels", "representation_size", "mask_head_channels", "box_head_channels",
+                     "box_detections_per_img"):
             if getattr(self, name) <= 0:
                 fail(name, "must be positive")
         for name in ("rpn_positive_fraction", "box_positive_fraction"):
@@ -150,6 +170,18 @@ class MaskRCNNConfig:
     def resnet50_fpn(cls, num_classes: int = 91, class_names: tuple[str, ...] = (), **overrides: Any) -> MaskRCNNConfig:
         """torchvision's ``maskrcnn_resnet50_fpn``: the dataclass defaults."""
         return cls(num_classes=num_classes, class_names=tuple(class_names), **overrides)
+
+    @classmethod
+    def resnet50_fpn_v2(cls, num_classes: int = 91, class_names: tuple[str, ...] = (), **overrides: Any) -> MaskRCNNConfig:
+        """torchvision's ``maskrcnn_resnet50_fpn_v2`` (``mask=False``: ``fasterrcnn_resnet50_fpn_v2``),
+        as built for trained weights. What v2 changes: the trunk's BatchNorm is a trainable one
+        (three stages trainable, as for v1), BatchNorm after every conv of the FPN, the box head
+        and the mask head, two convs in the RPN head, and a box head of four convs and one fully
+        connected layer. Transform, anchors, samplers and thresholds are v1's."""
+        settings: dict[str, Any] = {"backbone_norm": "batch", "fpn_norm": "batch", "rpn_head_convs": 2,
+                                    "box_head_convs": 4, "box_head_channels": 256, "head_norm": "batch"}
+        settings.update(overrides)
+        return cls(num_classes=num_classes, class_names=tuple(class_names), **settings)
 
     @classmethod
     def light(cls, num_classes: int = 91, class_names: tuple[str, ...] = (), **overrides: Any) -> MaskRCNNConfig:

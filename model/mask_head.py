@@ -1,5 +1,8 @@
 """The mask head (the paper's FCN branch, figure 4 right): four 3x3 convs over the 14x14 RoI
-feature, a 2x deconvolution to 28x28, and a 1x1 conv giving one mask logit map per class."""
+feature, a 2x deconvolution to 28x28, and a 1x1 conv giving one mask logit map per class.
+
+v2 (torchvision's ``maskrcnn_resnet50_fpn_v2``) puts a BatchNorm after each of the four convs
+(``head_norm="batch"``), folded into its conv at inference; the predictor is v1's."""
 
 from __future__ import annotations
 
@@ -7,17 +10,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from maskray.model.conv_norm import ConvNormActivation
+
 
 class MaskHead(nn.Sequential):
-    """``layers`` x (3x3 conv + ReLU); module names are torchvision's (0.0.weight, 1.0.weight, ...)."""
+    """``layers`` x (3x3 conv [+ BatchNorm] + ReLU); module names are torchvision's (0.0.weight,
+    1.0.weight, ...; with BatchNorm 0.1.weight, 0.1.running_mean, ...)."""
 
-    def __init__(self, in_channels: int, channels: int, layers: int = 4):
+    def __init__(self, in_channels: int, channels: int, layers: int = 4, norm: str = "none", fold_batchnorm: bool = True):
         blocks = []
         for i in range(layers):
-            conv = nn.Conv2d(in_channels if i == 0 else channels, channels, 3, padding=1)
-            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-            nn.init.zeros_(conv.bias)
-            blocks.append(nn.Sequential(conv, nn.ReLU(inplace=True)))
+            block = ConvNormActivation(in_channels if i == 0 else channels, channels, 3, norm, fold_batchnorm=fold_batchnorm)
+            nn.init.kaiming_normal_(block[0].weight, mode="fan_out", nonlinearity="relu")
+            if block[0].bias is not None:
+                nn.init.zeros_(block[0].bias)
+            blocks.append(block)
         super().__init__(*blocks)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):

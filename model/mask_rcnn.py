@@ -136,20 +136,25 @@ class MaskRCNN(nn.Module):
     def from_torchvision(
         cls, state_dict_or_path: dict[str, Tensor] | str | Path | BinaryIO, config: MaskRCNNConfig | None = None
     ) -> MaskRCNN:
-        """A model holding the weights of torchvision's ``maskrcnn_resnet50_fpn``.
+        """A model holding the weights of torchvision's ``maskrcnn_resnet50_fpn`` or ``_v2``.
 
         Takes a state dict or a file of one (the public COCO_V1 checkpoint, or
-        ``torch.save(model.state_dict())`` of any torchvision Mask R-CNN ResNet-50-FPN); the
-        number of classes is read from the weights. COCO's class names are used when there are
-        91 classes. Loaded with ``weights_only=True``.
+        ``torch.save(model.state_dict())`` of any torchvision Mask R-CNN or Faster R-CNN
+        ResNet-50-FPN, v1 or v2); the architecture (v1 or v2, with a mask head or not) and the
+        number of classes are read from the weights. COCO's class names are used when there are
+        91 classes. A ``config`` that builds other parts than the weights hold is a ValueError.
+        Loaded with ``weights_only=True``.
         """
-        from maskray.model.checkpoint import read_torchvision_state_dict
+        from maskray.model.checkpoint import check_layout, read_torchvision_state_dict, torchvision_layout
 
         state_dict = read_torchvision_state_dict(state_dict_or_path)
         if config is None:
             num_classes = state_dict["roi_heads.box_predictor.cls_score.weight"].shape[0]
-            has_mask = "roi_heads.mask_predictor.mask_fcn_logits.weight" in state_dict
-            config = MaskRCNNConfig.resnet50_fpn(num_classes, _coco_names(num_classes), mask=has_mask)
+            layout = torchvision_layout(state_dict)
+            v1 = (layout["fpn_norm"], layout["rpn_head_convs"], layout["box_head_convs"]) == ("none", 1, 0)
+            preset = MaskRCNNConfig.resnet50_fpn if v1 else MaskRCNNConfig.resnet50_fpn_v2
+            config = preset(num_classes, _coco_names(num_classes)).replace(**layout)
+        check_layout(config, state_dict, state_dict_or_path if not isinstance(state_dict_or_path, dict) else "state dict")
         model = cls(config)
         model.load_state_dict(state_dict)
         return model.eval().to_inference_layout()

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
 
 from maskray.model.box_coder import BoxCoder
-from maskray.model.box_head import BoxHead, BoxPredictor
+from maskray.model.box_head import BoxHead, BoxPredictor, ConvFCBoxHead
 from maskray.model.config import MaskRCNNConfig
 from maskray.model.losses import fast_rcnn_losses, mask_loss
 from maskray.model.mask_head import MaskHead, MaskPredictor
@@ -37,7 +37,7 @@ class RoIHeads(nn.Module):
     def __init__(
         self,
         box_pooler: nn.Module,
-        box_head: BoxHead,
+        box_head: BoxHead | ConvFCBoxHead,
         box_predictor: BoxPredictor,
         *,
         fg_iou_thresh: float,
@@ -74,12 +74,18 @@ class RoIHeads(nn.Module):
         if config.mask:
             mask_parts = dict(
                 mask_pooler=build_pooler(config.pooler, config.mask_pool_size, config.pool_sampling_ratio),
-                mask_head=MaskHead(in_channels, config.mask_head_channels, config.mask_head_layers),
+                mask_head=MaskHead(in_channels, config.mask_head_channels, config.mask_head_layers,
+                                   config.head_norm, config.fold_batchnorm),
                 mask_predictor=MaskPredictor(config.mask_head_channels, config.mask_head_channels, config.num_classes),
             )
+        if config.box_head_convs == 0:
+            box_head: nn.Module = BoxHead(in_channels * config.box_pool_size**2, config.representation_size)
+        else:
+            box_head = ConvFCBoxHead(in_channels, config.box_pool_size, config.box_head_convs, config.box_head_channels,
+                                     config.representation_size, config.head_norm, config.fold_batchnorm)
         return cls(
             box_pooler,
-            BoxHead(in_channels * config.box_pool_size**2, config.representation_size),
+            box_head,
             BoxPredictor(config.representation_size, config.num_classes),
             fg_iou_thresh=config.box_fg_iou_thresh,
             bg_iou_thresh=config.box_bg_iou_thresh,

@@ -1,6 +1,7 @@
 """The Region Proposal Network (Faster R-CNN, section 3.1), run over every FPN level.
 
-A shared 3x3 conv head predicts, at every anchor, an objectness logit and four box deltas.
+A shared 3x3 conv head predicts, at every anchor, an objectness logit and four box deltas
+(v2, torchvision's ``*_resnet50_fpn_v2``: two 3x3 convs, ``rpn_head_convs=2``).
 Proposals are the decoded anchors: the top-k per level by objectness, clipped to the image,
 then non-maximum suppression within each level. In training the anchors are matched to the
 ground truth (IoU >= 0.7 positive, < 0.3 negative) and a balanced sample of them gives the
@@ -22,12 +23,14 @@ from maskray.model.sampler import BalancedSampler
 
 
 class RPNHead(nn.Module):
-    """3x3 conv + ReLU, then 1x1 convs for objectness (A per cell) and box deltas (4A)."""
+    """``convs`` x (3x3 conv + ReLU), then 1x1 convs for objectness (A per cell) and box deltas (4A)."""
 
-    def __init__(self, channels: int, num_anchors: int):
+    def __init__(self, channels: int, num_anchors: int, convs: int = 1):
         super().__init__()
-        # Nested Sequentials keep torchvision's key names (conv.0.0.weight).
-        self.conv = nn.Sequential(nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True)))
+        # Nested Sequentials keep torchvision's key names (conv.0.0.weight, conv.1.0.weight).
+        self.conv = nn.Sequential(
+            *(nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True)) for _ in range(convs))
+        )
         self.cls_logits = nn.Conv2d(channels, num_anchors, 1)
         self.bbox_pred = nn.Conv2d(channels, 4 * num_anchors, 1)
         for module in self.modules():
@@ -91,7 +94,7 @@ class RegionProposalNetwork(nn.Module):
         anchor_generator = AnchorGenerator(config.anchor_sizes, config.aspect_ratios)
         return cls(
             anchor_generator,
-            RPNHead(in_channels, anchor_generator.num_anchors_per_location),
+            RPNHead(in_channels, anchor_generator.num_anchors_per_location, config.rpn_head_convs),
             fg_iou_thresh=config.rpn_fg_iou_thresh,
             bg_iou_thresh=config.rpn_bg_iou_thresh,
             batch_size_per_image=config.rpn_batch_size_per_image,

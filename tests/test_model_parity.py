@@ -81,6 +81,35 @@ def match_detections(mine, reference, box_tol, score_tol):
     return order
 
 
+def masks_mostly_agree(ours, reference_probs, share: float = 0.01) -> bool:
+    """Our RLE masks against the reference's dense mask probabilities, in aggregate: at most
+    ``share`` of their union differs (a box moved by 1e-3 px can move a truncated paste edge by a
+    pixel, which on slivers is much of the mask)."""
+    mismatched = union = 0
+    for a, b in zip(ours, dense_rle(reference_probs)):
+        a, b = decode(a), decode(b)
+        mismatched += int((a != b).sum())
+        union += int((a | b).sum())
+    return mismatched <= share * union
+
+
+def training_batch() -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """Two images of other sizes, each with two boxes (labels 3 and 17) and masks inside them."""
+    generator = torch.Generator().manual_seed(3)
+    images = [torch.rand(3, 160, 200, generator=generator), torch.rand(3, 180, 150, generator=generator)]
+    targets = []
+    for image in images:
+        h, w = image.shape[-2:]
+        boxes = torch.tensor([[10.0, 20.0, 90.0, 100.0], [40.0, 30.0, 140.0, 150.0]])
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(max=w - 1)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(max=h - 1)
+        masks = torch.zeros(2, h, w, dtype=torch.uint8)
+        for m, (x1, y1, x2, y2) in zip(masks, boxes.int().tolist()):
+            m[y1 + 5 : y2 - 5, x1 + 3 : x2 - 8] = 1
+        targets.append({"boxes": boxes, "labels": torch.tensor([3, 17]), "masks": masks})
+    return images, targets
+
+
 def test_eval_matches_torchvision_exactly_in_its_layout(weights, images, torchvision_detections):
     """channels_last and BatchNorm folding off: the same float ops as torchvision's."""
     detections = ours(weights, channels_last=False, fold_batchnorm=False)(images)
@@ -111,33 +140,14 @@ def test_eval_fast_path_gives_the_same_detections(weights, images, torchvision_d
         reference = {"masks": reference["masks"][order]}
         # A box moved by 1e-3 px can move a truncated paste edge by a pixel: on slivers that is
         # much of the mask, so the masks are compared in aggregate.
-        mismatched = union = 0
-        for a, b in zip(mine["masks"], dense_rle(reference["masks"])):
-            a, b = decode(a), decode(b)
-            mismatched += int((a != b).sum())
-            union += int((a | b).sum())
-        assert mismatched <= 0.01 * union
+        assert masks_mostly_agree(mine["masks"], reference["masks"])
 
 
-def test_train_losses_match_torchvision(weights):
-    generator = torch.Generator().manual_seed(3)
-    images = [torch.rand(3, 160, 200, generator=generator), torch.rand(3, 180, 150, generator=generator)]
-    targets = []
-    for image in images:
-        h, w = image.shape[-2:]
-        boxes = torch.tensor([[10.0, 20.0, 90.0, 100.0], [40.0, 30.0, 140.0, 150.0]])
-        boxes[:, 0::2] = boxes[:, 0::2].clamp(max=w - 1)
-        boxes[:, 1::2] = boxes[:, 1::2].clamp(max=h - 1)
-        masks = torch.zeros(2, h, w, dtype=torch.uint8)
-        for m, (x1, y1, x2, y2) in zip(masks, boxes.int().tolist()):
-            m[y1 + 5 : y2 - 5, x1 + 3 : x2 - 8] = 1
-        targets.append({"boxes": boxes, "labels": torch.tensor([3, 17]), "masks": masks})
-
-    reference = torchvision_model(**SIZES)
-    reference.load_state_dict(weights)
-    mine = MaskRCNN(MaskRCNNConfig.resnet50_fpn(min_size=(320,), max_size=512))
-    mine.load_state_dict(weights)
-
+def assert_same_losses_and_gradients(mine, reference, prefixes: tuple[str, ...]) -> set[str]:
+    """``mine`` and ``reference`` (the same weights) in train mode on ``training_batch``: the same
+    losses, and the same gradients on the parameters whose names start with ``prefixes``, whose
+    names are returned."""
+    images, targets = training_batch()
     # Both draw their random samples (anchors, proposals) in the same order from torch's generator.
     torch.manual_seed(11)
     expected = reference.train()(images, [dict(t) for t in targets])
@@ -151,12 +161,20 @@ def test_train_losses_match_torchvision(weights):
     sum(expected.values()).backward()
     sum(losses.values()).backward()
     reference_parameters = dict(reference.named_parameters())
-    checked = 0
+    checked = set()
     for name, parameter in mine.named_parameters():
-        if parameter.grad is not None and name.startswith(("rpn.", "roi_heads.", "backbone.fpn.")):
+        if parameter.grad is not None and name.startswith(prefixes):
             torch.testing.assert_close(parameter.grad, reference_parameters[name].grad, rtol=1e-4, atol=1e-6, msg=name)
-            checked += 1
-    assert checked > 10
+            checked.add(name)
+    return checked
+
+
+def test_train_losses_match_torchvision(weights):
+    reference = torchvision_model(**SIZES)
+    reference.load_state_dict(weights)
+    mine = MaskRCNN(MaskRCNNConfig.resnet50_fpn(min_size=(320,), max_size=512))
+    mine.load_state_dict(weights)
+    assert len(assert_same_losses_and_gradients(mine, reference, ("rpn.", "roi_heads.", "backbone.fpn."))) > 10
 
 
 def test_from_torchvision_loads_a_saved_checkpoint_in_either_key_layout(weights, images, torchvision_detections, tmp_path):
