@@ -86,8 +86,16 @@ def _command_of(module_name: str) -> str:
                 module_name.rsplit(".", 1)[-1])
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with a mistake in the arguments said in one line (and where the usage is), not
+    the usage block and then the line: one line for every mistake, as for the rest."""
+
+    def error(self, message: str):
+        self.exit(USER_ERROR_STATUS, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="maskray",
         description="Instance segmentation (Mask R-CNN) of image buckets on Ray, written to Parquet.",
     )

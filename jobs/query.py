@@ -30,9 +30,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         relation = con.sql(args.sql)
     except duckdb.Error as error:  # the SQL's mistake, or an output DuckDB cannot read
-        # DuckDB's first line says what is wrong; the next ones quote the SQL back.
-        reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
-        raise QueryError(f"the SQL cannot run: {reason}") from None
+        # DuckDB says what is wrong and may hint (Did you mean "instances"?); the SQL it quotes
+        # back ("LINE 1: ...", a caret under it) is left out.
+        said = [line.strip() for line in str(error).splitlines()
+                if line.strip() and not line.startswith("LINE ") and set(line.strip()) != {"^"}]
+        raise QueryError(f"the SQL cannot run: {' '.join(said) or type(error).__name__}") from None
     if relation is not None:  # None: a statement without a result
         if args.csv:
             import csv

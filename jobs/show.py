@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
             message += f" ({progress.describe()})"
         raise ValueError(message) from None
     picture.save(args.out)
-    print(f"{args.out}: {count} instances drawn on {args.image} ({picture.width}x{picture.height})")
+    print(f"{args.out}: {count} instances drawn on {args.image} (a {picture.width}x{picture.height} picture)")
     return 0
 
 

@@ -244,7 +244,7 @@ def test_show_sizes_the_picture(tmp_path, capsys, options, size):
     output = write_output(tmp_path, grey_image(400, 600), [(mask, 1, 0.9)])
     assert main(["show", output, "a.png", "-o", str(tmp_path / "o.png"), *options]) == 0
     assert Image.open(tmp_path / "o.png").size == size
-    assert f"({size[0]}x{size[1]})" in capsys.readouterr().out
+    assert f"(a {size[0]}x{size[1]} picture)" in capsys.readouterr().out
     drawn = np.asarray(Image.open(tmp_path / "o.png")).astype(int)
     centre = drawn[size[1] // 2, size[0] // 3]  # inside the mask at any size: tinted
     assert np.abs(centre - (np.array(GREY) * (1 - DEFAULT_ALPHA) + rgb(label_colour(1)) * DEFAULT_ALPHA)).max() <= 2

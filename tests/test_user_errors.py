@@ -132,6 +132,16 @@ def user_folder(tmp_path, monkeypatch) -> Path:
     return tmp_path
 
 
+def test_a_bad_storage_options_file_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "options.json").write_text('{"secret": "hunter2-in-a-file"')
+    with pytest.raises(SystemExit) as exited:
+        main(["query", "out", "SELECT 1", "--storage-options", "@options.json"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [err.strip()] and "options.json: not valid JSON" in err and "hunter2" not in err, err
+
+
 @pytest.mark.parametrize("command", ["query", "show"])
 def test_a_folder_that_is_no_output(command, user_folder, capsys):
     argv = {"query": ["query", ".", "SELECT count(*) FROM images"], "show": ["show", ".", "0.png"]}[command]
@@ -180,6 +190,8 @@ def test_bad_sql_is_one_line_naming_the_mistake(tmp_path, capsys):
     assert "the SQL cannot run" in line and "syntax error" in line and "SELEC" in line, line
     assert main(["query", str(output), "SELECT nonsense FROM instances"]) == 2
     assert "nonsense" in one_line(capsys, "query")
+    assert main(["query", str(output), "SELECT * FROM instance"]) == 2
+    assert 'Did you mean "instances"' in one_line(capsys, "query")  # DuckDB's hint kept, its quote of the SQL not
 
 
 # -----------------------------------------------------------------------------------------------
