@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         head = cluster.recorded_head()
         if head is None:
             raise cluster.ClusterError(f"no cluster is running (none recorded in {cluster.state_folder()}): "
-                                       "start one with `maskray cluster start`")
+                                       "start one: eval \"$(maskray cluster start)\"")
         print(_exports(head), flush=True)
         return 0
     head = cluster.recorded_head() or cluster.forget_stale_head()

@@ -144,7 +144,7 @@ def start_head(num_cpus: int | None = None, num_gpus: int | None = None, object_
     running = recorded_head()
     if running is not None:
         raise ClusterError(f"a cluster is already running (dashboard {running.dashboard_url}, pid {running.pid}): "
-                           "stop it first with `maskray cluster stop`")
+                           "stop it first: eval \"$(maskray cluster stop)\"")
     state = state_folder()
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
     gcs, dashboard, agent, client = _free_ports(4, fixed=[port, dashboard_port])

@@ -488,3 +488,20 @@ def test_ctrl_c_stops_a_run_in_one_line_that_says_how_to_go_on(tiny_shapes, tmp_
     latest = recorded_checkpoint(str(output))
     assert err.strip().splitlines()[-1] == (f"maskray train: interrupted: the run in {output} keeps its checkpoints up "
                                             f"to {latest}; the same command with --resume goes on from there")
+
+
+def test_rays_traceback_of_our_own_worker_error_is_left_to_the_driver():
+    """Ray Train logs every worker error with its traceback; ours (the driver says them in one
+    line) are dropped from that log, a bug's are kept."""
+    import logging
+
+    from maskray.pipeline.train.loop import _SaidByTheDriver
+
+    def record(text: str) -> logging.LogRecord:
+        return logging.LogRecord("ray.train.v2._internal.util", logging.ERROR, __file__, 1, text, None, None)
+
+    traceback = 'Error in training function:\nTraceback (most recent call last):\n  File "loop.py", line 1\n'
+    said = _SaidByTheDriver()
+    assert not said.filter(record(traceback + "maskray.pipeline.errors.TrainingError: the loss is nan\n"))
+    assert said.filter(record(traceback + "KeyError: 'boxes'\n"))
+    assert said.filter(record("Reporting training result 1"))

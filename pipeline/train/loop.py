@@ -10,6 +10,7 @@ Each worker reads its shard of the images through the shared decode path
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import tempfile
@@ -313,11 +314,25 @@ class WorkerTraining:
         print(redact(f"maskray train: {summary}", secret_values(settings.storage_options)), flush=True)
 
 
+class _SaidByTheDriver(logging.Filter):
+    """Drops Ray Train's log of a worker's error when the error is one of ours (a loss gone NaN,
+    bad data, storage that refused): the driver says it in one line, and Ray's copy of it is a
+    traceback on the user's console. Any other error, a bug, keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if not text.startswith("Error in training function"):
+            return True
+        last = text.rstrip().rsplit("\n", 1)[-1]
+        return not last.startswith("maskray.")
+
+
 def train_worker(loop_config: dict[str, Any]) -> None:
     """The per-worker training loop that TorchTrainer runs on every worker."""
     import ray.train
     import ray.train.torch
 
+    logging.getLogger("ray.train.v2._internal.util").addFilter(_SaidByTheDriver())  # where Ray logs it
     settings = TrainSettings(**loop_config["settings"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
