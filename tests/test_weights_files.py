@@ -205,3 +205,12 @@ def test_the_maskray_program_says_a_pickled_model_in_one_plain_line(tmp_path):
     assert done.stderr == (f"maskray evaluate: error: --weights {weights}: not a loadable weights file: a whole "
                            "pickled model (ResNet object); save its state_dict() instead: "
                            "torch.save(model.state_dict(), path)\n")
+
+
+def test_a_torchvision_v2_state_dict_file_builds_the_v2_model(tmp_path):
+    """What ``maskray segment --weights`` and ``evaluate --weights`` do with a v2 file."""
+    path = tmp_path / "maskrcnn_v2.pth"
+    torch.save(torchvision.models.detection.maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None).state_dict(),
+               path)
+    model = build_model(read_weights(str(path)))
+    assert (model.config.fpn_norm, model.config.rpn_head_convs, model.config.box_head_convs) == ("batch", 2, 4)
