@@ -13,7 +13,7 @@ import sys
 
 from maskray.jobs.arguments import add_storage_options_argument
 from maskray.jobs.cli import reports_user_errors
-from maskray.pipeline.options import positive_float, positive_int
+from maskray.pipeline.options import positive_float, positive_int, score
 
 DEFAULT_MIN_SCORE = 0.5  # maskray.pipeline.results.show's; repeated here so that --help imports nothing heavy
 
@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("image", metavar="IMAGE_URI",
                         help="the image: its image_uri, or a unique path suffix or file name")
     parser.add_argument("-o", "--out", default="overlay.png", help="where to write the PNG (default overlay.png)")
-    parser.add_argument("--min-score", type=float, default=DEFAULT_MIN_SCORE,
+    parser.add_argument("--min-score", type=score, default=DEFAULT_MIN_SCORE,
                         help=f"draw only instances scoring at least this (default {DEFAULT_MIN_SCORE})")
     parser.add_argument("--scale", type=positive_float, default=None, metavar="FACTOR",
                         help="resize the picture by this factor, e.g. 0.25 or 3 (default: small images are "

@@ -91,6 +91,17 @@ def positive_float(text: str) -> float:
     return value
 
 
+def score(text: str) -> float:
+    """A detection score: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a score in [0, 1], got {text}")
+    return value
+
+
 def json_key_value(text: str) -> tuple[str, object]:
     """``KEY=VALUE`` with a JSON value (a plain string if it is not JSON; a list becomes a tuple)."""
     if "=" not in text:

@@ -182,6 +182,18 @@ def test_train_names_a_relative_path_that_is_not_there(user_folder, capsys):
     assert not (user_folder / "run").exists()  # failed before any work
 
 
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_a_typo_in_the_images_folder_names_the_folder(command, user_folder, capsys):
+    write_shapes("set", 2, seed=1, size=(64, 48))
+    argv = {"train": ["train", "--train-json", "set/annotations.json", "--train-images", "set/imagse",
+                      "--output", "run", "--no-progress"],
+            "evaluate": ["evaluate", "--weights", WEIGHTS, "--json", "set/annotations.json", "--images", "set/imagse",
+                         "--no-progress"]}[command]
+    assert main(argv) == 2
+    line = one_line(capsys, command)
+    assert "set/imagse: no such folder or prefix" in line, line
+
+
 def test_bad_sql_is_one_line_naming_the_mistake(tmp_path, capsys):
     fs, output = open_url(str(tmp_path / "out"))
     write_output(fs, output, "file:///photos/a.png")  # a finished output, committed directly

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from maskray.pipeline.decode import decode_image
 from maskray.pipeline.errors import MaskrayError
-from maskray.pipeline.storage import MISSING, join, list_files, open_url, public_url, read_bytes, read_object
+from maskray.pipeline.storage import MISSING, join, list_files, open_url, path_type, public_url, read_bytes, read_object
 
 
 class CocoDataError(MaskrayError, ValueError):
@@ -148,6 +148,9 @@ class CocoDataset(torch.utils.data.Dataset):
     def _check_files(self) -> None:
         """Every image file exists: one listing of the images prefix, not a request per file."""
         fs, root = open_url(self.images_url, self.storage_options)
+        if path_type(fs, root) is None:  # a typo in the folder's name: say that, not "N files missing"
+            raise CocoDataError(f"{public_url(self.images_url)}: no such folder or prefix (the images of "
+                                f"{self.json_url})")
         present = {p[len(root):].lstrip("/") for p in list_files(fs, root, recursive=True)}
         missing = [image.file_name for image in self.images if image.file_name not in present]
         if missing:
