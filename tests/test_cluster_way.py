@@ -29,12 +29,12 @@ from maskray.jobs.arguments import add_storage_options_argument
 from maskray.pipeline.options import STORAGE_OPTIONS_VARIABLE, storage_options
 from tests.test_namespace import (
     IMAGES,
-    PACKAGES,
     REPO,
     VENV_BIN,
     WEIGHTS,
     assert_every_image_segmented,
     job_environment,
+    make_user_folder,
 )
 from tests.test_security import _texts_of_output
 
@@ -89,19 +89,11 @@ def alive(pids: list[int]) -> list[int]:
 
 @pytest.fixture
 def project(tmp_path) -> Path:
-    """A user's folder: a few images and the model, as the README's commands expect them, and
-    a model.py, pipeline.py and jobs.py of the user's own, which fail the job if Ray's workers
-    (the folder first on their path) import them instead of maskray's (tests/test_namespace.py)."""
-    from maskray.pipeline.train.shapes import make_image
-
-    folder = tmp_path / "project"
-    (folder / "images").mkdir(parents=True)
-    for name in PACKAGES:
-        (folder / f"{name}.py").write_text(f"raise ImportError(\"the user's {name}.py was imported\")\n")
-    for index, name in enumerate(IMAGES):
-        (folder / "images" / name).write_bytes(make_image(seed=5, index=index, width=96, height=80)[0])
+    """A user's folder, as the README's commands expect it: a few images and the model, and a
+    model.py, pipeline.py and jobs.py of the user's own, which fail the job if Ray's workers (the
+    folder first on their path) import them instead of maskray's (tests/test_namespace.py)."""
+    folder = make_user_folder(tmp_path)
     shutil.copyfile(WEIGHTS, folder / "model.pt")
-    (tmp_path / "home").mkdir()
     return folder
 
 

@@ -47,7 +47,12 @@ def run(command: list[str], cwd: Path, env: dict[str, str], timeout: float) -> s
 
 @pytest.fixture
 def user_folder(tmp_path) -> Path:
-    """A user's project folder: a few images, and model.py, pipeline.py and jobs.py of their own."""
+    return make_user_folder(tmp_path)
+
+
+def make_user_folder(tmp_path: Path) -> Path:
+    """A user's project folder: a few images, and model.py, pipeline.py and jobs.py of their own
+    (and a HOME beside it)."""
     folder = tmp_path / "project"
     (folder / "images").mkdir(parents=True)
     for name in PACKAGES:
