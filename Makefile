@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.maskray-installed
 BUILD_INPUTS := pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 
-.PHONY: setup demo test bench cuda-check clean
+.PHONY: setup demo test bench cuda-check gpu-check clean
 
 setup: $(STAMP)
 
@@ -27,8 +27,13 @@ $(STAMP): $(BUILD_INPUTS)
 demo: setup
 	$(BIN)/maskray demo
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -q --durations=20
+
+# Debian's Chromium, which the `maskray browse` tests drive headless (installed when missing).
+.PHONY: browser
+browser:
+	.ci/install-browser
 
 bench: setup
 	$(BIN)/python bench/roi_ops.py
@@ -40,6 +45,13 @@ bench: setup
 # Compile-only check of the CUDA kernels (needs nvcc, not a GPU).
 cuda-check: setup
 	PYTHON=$(BIN)/python .ci/compile-cuda
+
+# Everything that needs a GPU, in one run of under 8 minutes (bench/gpu_check.py): the build
+# with CUDA kernels, the CUDA tests, the CUDA RoI ops against torchvision's, and the R50-FPN
+# model and the segmentation job in float16 and bfloat16 over batch sizes 1-16. Run it first
+# whenever a GPU is at hand; without one it says so and fails.
+gpu-check: setup
+	$(BIN)/python bench/gpu_check.py
 
 clean:
 	rm -rf build *.egg-info model/_C*.so $(STAMP)

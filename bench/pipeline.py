@@ -3,25 +3,35 @@
 Throughput: the pipeline (``run_segment``: local folder → list → Ray actor → read, decode,
 batch, Mask R-CNN, RLE → Parquet part files + done markers) against a bare loop over the same
 images already decoded in memory (``model(batch)`` and nothing else), same light model, same
-batch size, same torch threads, in one run. The ratio is images/s of the pipeline over images/s
-of the loop; the pipeline's figure is its steady state (from its first actor ready to its last
+batch size, same torch threads. The ratio is images/s of the pipeline over images/s of the
+loop; the pipeline's figure is its steady state (from its first actor ready to its last
 commit; the time to start Ray and load the model is reported beside it).
+
+The two alternate in one run, ``--rounds`` times (loop, pipeline, loop, pipeline, ..., loop),
+and each pipeline run is compared with the mean of the loops just before and after it, so that
+the load of a shared machine hits both alike; the median of the rounds is the figure. Ray
+starts its workers 15 steps nicer than the driver (its ``worker_niceness``), so the bare loop
+runs in a child process at that niceness too, as bench/train.py's plain loop does: on a machine
+that other work shares, both then compete for the cores alike.
 
 Memory: peak RSS of the driver and of the actors (sampled every 50 ms), for a job of N and one
 of 10·N images; bounded memory means the 10·N peaks are within 1.2x of the N peaks.
 
-    python bench/pipeline.py                    # 256 images of 480x320, the demo model, 2 threads
-    python bench/pipeline.py --images 128 --no-memory
+    python bench/pipeline.py                    # 256 images of 480x320, the demo model, 2 threads, 3 rounds
+    python bench/pipeline.py --images 128 --rounds 2 --no-memory
     python bench/pipeline.py --weights model/weights/shapes_light.pt
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
+import json
 import os
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
 import threading
@@ -41,6 +51,7 @@ from maskray.pipeline.weights import build_model, read_weights
 ROOT = Path(__file__).resolve().parents[1]
 
 DEMO_WEIGHTS = ROOT / "model" / "weights" / "shapes_light.pt"
+RAY_WORKER_NICENESS = 15  # Ray's default worker_niceness
 
 
 def write_images(folder: Path, count: int, height: int, width: int) -> None:
@@ -72,7 +83,9 @@ def default_weights(folder: Path) -> Path:
 def bare_loop(weights: Path, folder: Path, batch_size: int, threads: int) -> float:
     """images/s of the model alone over the decoded images (best of two passes)."""
     torch.set_num_threads(threads)
-    model = build_model(read_weights(str(weights)))
+    # The job's own model settings (its --precision auto included), as its actor builds it.
+    overrides = SegmentJob(str(folder), str(folder) + "-unused", str(weights)).overrides()
+    model = build_model(read_weights(str(weights)), overrides)
     images = [decode_image(p.read_bytes()) for p in sorted(folder.glob("*.jpg"))]
     model(images[:batch_size])  # warm-up: oneDNN primitives, allocator
     best = 0.0
@@ -82,6 +95,16 @@ def bare_loop(weights: Path, folder: Path, batch_size: int, threads: int) -> flo
             model(images[i : i + batch_size])
         best = max(best, len(images) / (time.perf_counter() - start))
     return best
+
+
+def loop_in_child(weights: Path, folder: Path, batch_size: int, threads: int) -> float:
+    """bare_loop in a child process at the niceness Ray gives its workers (the actor's)."""
+    import subprocess
+
+    command = [sys.executable, __file__, "--loop-child", json.dumps([str(weights), str(folder), batch_size, threads])]
+    output = subprocess.run(command, check=True, capture_output=True, text=True,
+                            preexec_fn=lambda: os.nice(RAY_WORKER_NICENESS)).stdout
+    return float(output.strip().splitlines()[-1])
 
 
 def rss_bytes(pid: int | str) -> int:
@@ -131,11 +154,15 @@ class PeakSampler:
         self._thread.join()
 
 
-def pipeline_run(weights: Path, folder: Path, output: Path, batch_size: int, threads: int, shard_size: int):
+def pipeline_run(weights: Path, folder: Path, output: Path, batch_size: int, threads: int, shard_size: int,
+                 sample_memory: bool = True):
+    """The job on one actor; with ``sample_memory``, the peak RSS of driver and actor too (the
+    throughput runs go without: the sampler's scans of /proc take CPU from the job it measures)."""
     shutil.rmtree(output, ignore_errors=True)
     job = SegmentJob(str(folder), str(output), str(weights), batch_size=batch_size, shard_size=shard_size,
                      num_actors=1, cpus_per_actor=threads, progress=False)
-    with PeakSampler() as peaks:
+    peaks = PeakSampler()
+    with peaks if sample_memory else contextlib.nullcontext():
         summary = run_segment(job)
     assert summary.complete and summary.errors == 0, summary.describe()
     return summary, peaks
@@ -181,11 +208,17 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--weights", type=Path, default=None, help="default: the demo model, else an untrained light model")
+    parser.add_argument("--rounds", type=int, default=3, help="pipeline runs, each between two loop runs")
     parser.add_argument("--no-memory", action="store_true", help="skip the N vs 10·N memory runs")
     parser.add_argument("--memory-child", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--loop-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         return memory_child(args)
+    if args.loop_child:
+        weights, folder, batch_size, threads = json.loads(args.loop_child)
+        print(bare_loop(Path(weights), Path(folder), batch_size, threads))
+        return None
 
     import ray
 
@@ -200,17 +233,28 @@ def main() -> None:
               f"batch {args.batch_size}, shards of {args.shard_size}")
         ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=args.threads,
                  logging_level="WARNING", log_to_driver=False)
-        # Alternate: bare loop, pipeline, bare loop; the loop's figure is the mean of its two.
-        loop_a = bare_loop(weights, small, args.batch_size, args.threads)
-        summary, _ = pipeline_run(weights, small, work / "out-small", args.batch_size, args.threads, args.shard_size)
-        loop_b = bare_loop(weights, small, args.batch_size, args.threads)
-        loop = (loop_a + loop_b) / 2
-        steady = summary.images_run / summary.processing_seconds
-        end_to_end = summary.images_run / summary.seconds
-        print(f"bare loop (decoded tensors -> model):  {loop:.2f} images/s  ({loop_a:.2f}, {loop_b:.2f})")
-        print(f"pipeline (folder -> Parquet), steady:   {steady:.2f} images/s  ratio {steady / loop:.3f}")
-        print(f"pipeline end to end incl. Ray start:    {end_to_end:.2f} images/s  ({summary.seconds:.1f} s, "
-              f"{summary.instances} instances)")
+        # Alternate: loop, pipeline, loop, pipeline, ..., loop; each pipeline run against the mean of its two loops.
+        loops = [loop_in_child(weights, small, args.batch_size, args.threads)]
+        print(f"bare loop (decoded tensors -> model), at Ray's worker niceness: {loops[0]:.2f} images/s", flush=True)
+        rounds = []
+        for n in range(args.rounds):
+            summary, _ = pipeline_run(weights, small, work / f"out-{n}", args.batch_size, args.threads, args.shard_size,
+                                      sample_memory=False)
+            loops.append(loop_in_child(weights, small, args.batch_size, args.threads))
+            steady = summary.images_run / summary.processing_seconds
+            loop = (loops[-2] + loops[-1]) / 2
+            rounds.append((steady, loop, summary))
+            print(f"round {n + 1}: pipeline (folder -> Parquet), steady {steady:.2f} images/s; loops {loops[-2]:.2f}, "
+                  f"{loops[-1]:.2f}; ratio {steady / loop:.3f}; end to end incl. Ray start and model load "
+                  f"{summary.images_run / summary.seconds:.2f} images/s ({summary.seconds:.1f} s, {summary.instances} instances)",
+                  flush=True)
+        ratios = [steady / loop for steady, loop, _ in rounds]
+        print(f"bare loop:            {statistics.mean(loops):.2f} images/s (runs: {', '.join(f'{v:.2f}' for v in loops)})")
+        print(f"pipeline, steady:     {statistics.mean(s for s, _, _ in rounds):.2f} images/s "
+              f"(runs: {', '.join(f'{s:.2f}' for s, _, _ in rounds)})")
+        print(f"ratio per round:      {', '.join(f'{r:.3f}' for r in ratios)}; median {statistics.median(ratios):.3f}")
+        print(f"load average during the run: {', '.join(f'{v:.1f}' for v in os.getloadavg())} (1, 5, 15 min) "
+              f"on {os.cpu_count()} CPUs")
         if not args.no_memory:
             ray.shutdown()
             # Each memory run in a fresh process, so that the driver's peak is the job's alone.

@@ -34,6 +34,8 @@ SUBCOMMANDS = {
                     "write a synthetic COCO instance-segmentation set of overlapping shapes"),
     "query": ("maskray.jobs.query", "run SQL (DuckDB) over a segmentation output: views instances, images"),
     "show": ("maskray.jobs.show", "draw an image's masks, boxes, labels and scores into a PNG"),
+    "browse": ("maskray.jobs.browse", "serve a web gallery of a segmentation output on 127.0.0.1 (filters, masks)"),
+    "export": ("maskray.jobs.export", "write a segmentation output as COCO JSON (instances file or results list)"),
     "selfcheck": ("maskray.jobs.selfcheck", "check the compiled RoI operators against torchvision"),
     "cluster": ("maskray.jobs.cluster", "start or stop a Ray cluster on 127.0.0.1 for `ray job submit` (token auth)"),
 }

@@ -11,12 +11,15 @@ import sys
 
 from maskray.jobs.arguments import add_storage_options_argument
 from maskray.jobs.cli import reports_user_errors
-from maskray.pipeline.options import positive_int
+from maskray.pipeline.options import PRECISION_HELP, PRECISIONS, positive_int
+from maskray.pipeline.weights import NAMES_HELP
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--weights", required=True, metavar="CKPT",
-                        help="a maskray checkpoint (model.pt of maskray train) or a torchvision state dict, any URL")
+    parser.add_argument("--weights", required=True, metavar="NAME|CKPT",
+                        help=f"published weights by name ({NAMES_HELP}), a maskray checkpoint (model.pt of maskray "
+                             "train) or a torchvision state dict, any URL")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     parser.add_argument("--json", required=True, help="COCO instances JSON with the ground truth")
     parser.add_argument("--images", required=True, help="folder or prefix the JSON's file_name values are relative to")
     parser.add_argument("--results", help="also write the detections here, as a COCO results JSON")
@@ -40,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.gpu else "cpu")
-    model = build_model(read_weights(args.weights, options), device=str(device))
+    weights = read_weights(args.weights, options)
+    model = build_model(weights, {"precision": args.precision}, device=str(device))
     dataset = CocoDataset(args.json, args.images, options)
     if model.config.num_classes != dataset.num_classes:
         raise ValueError(f"the model has {model.config.num_classes - 1} classes {list(model.class_names[1:])}, "
@@ -52,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     if args.results:
         write_results(results, args.results, options)
     metrics = coco_evaluate(read_coco_json(args.json, options), results)
-    print(f"maskray evaluate: {len(dataset)} images, {len(results)} detections, weights {public_url(args.weights)}")
+    print(f"maskray evaluate: {len(dataset)} images, {len(results)} detections, weights {weights.name}, "
+          f"precision {model.precision_on(device)}")
     print(format_metrics(metrics))
     if args.results:
         print(f"maskray evaluate: COCO results written to {public_url(args.results)}")

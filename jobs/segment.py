@@ -2,7 +2,10 @@
 
 Also a script for clusters: ``ray job submit --working-dir . -- python -m maskray.jobs.segment INPUT
 OUTPUT --weights CKPT`` (the job joins the cluster through RAY_ADDRESS). A rerun of the same
-command resumes: finished shards are skipped. The options are the fields of ``SegmentJob``.
+command resumes: finished shards are skipped. ``--update`` lists INPUT again and adds its new
+images as new shards (a bucket that grows: run it again with ``--update``, e.g. every night);
+a rerun without it says how many new images it leaves out. The options are the fields of
+``SegmentJob``.
 """
 
 import argparse

@@ -210,6 +210,24 @@ def torchvision_layout(state_dict: dict[str, Tensor]) -> dict[str, Any]:
     return layout
 
 
+def torchvision_config(state_dict: dict[str, Tensor]) -> MaskRCNNConfig:
+    """The config that builds a torchvision state dict's model: v1's or v2's preset with the parts
+    its keys show, its number of classes, and COCO's class names when there are 91."""
+    num_classes = state_dict["roi_heads.box_predictor.cls_score.weight"].shape[0]
+    layout = torchvision_layout(state_dict)
+    v1 = (layout["fpn_norm"], layout["rpn_head_convs"], layout["box_head_convs"]) == ("none", 1, 0)
+    preset = MaskRCNNConfig.resnet50_fpn if v1 else MaskRCNNConfig.resnet50_fpn_v2
+    return preset(num_classes, _coco_names(num_classes)).replace(**layout)
+
+
+def _coco_names(num_classes: int) -> tuple[str, ...]:
+    if num_classes != 91:
+        return ()
+    from torchvision.models._meta import _COCO_CATEGORIES
+
+    return tuple("__background__" if i == 0 else name for i, name in enumerate(_COCO_CATEGORIES))
+
+
 def torchvision_name(layout: dict[str, Any]) -> str:
     """The torchvision builder of a :func:`torchvision_layout`'s model, e.g. ``maskrcnn_resnet50_fpn_v2``."""
     v2 = layout["rpn_head_convs"] == 2 and layout["box_head_convs"] == 4 and layout["fpn_norm"] == "batch"

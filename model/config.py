@@ -16,6 +16,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from maskray.model.precision import PRECISIONS
+
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 BACKBONE_NORMS = ("frozen", "batch")
 CONV_NORMS = ("none", "batch")  # after the convs of the FPN and of the heads (maskray.model.conv_norm)
@@ -100,9 +102,12 @@ class MaskRCNNConfig:
     # cores); frozen BatchNorm folded into the convs before it; autocast dtype for inference on
     # CUDA ("bfloat16", "float16") or None. channels_last and folding round differently from
     # torchvision's plain path (about 1e-6 relative); switch both off to reproduce it bit for bit.
+    # precision: "auto", "fp32", "bf16", "fp16" or None (float32 on CPUs, cuda_autocast on GPUs);
+    # the rule is maskray.model.precision's.
     channels_last: bool = True
     fold_batchnorm: bool = True
     cuda_autocast: str | None = "float16"
+    precision: str | None = None
 
     def __post_init__(self) -> None:
         # Lists from JSON or a checkpoint become tuples, so configs compare and hash alike.
@@ -163,6 +168,8 @@ class MaskRCNNConfig:
                 fail(name, "must be in [0, 1]")
         if self.cuda_autocast not in (None, "float16", "bfloat16"):
             fail("cuda_autocast", "must be None, 'float16' or 'bfloat16'")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            fail("precision", f"must be None or one of {PRECISIONS}")
 
     # presets ---------------------------------------------------------------------------
 

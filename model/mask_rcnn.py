@@ -16,6 +16,7 @@ from typing import Any, BinaryIO
 import torch
 from torch import Tensor, nn
 
+from maskray.model import precision
 from maskray.model.backbone import build_backbone
 from maskray.model.config import MaskRCNNConfig
 from maskray.model.postprocess import paste_masks_to_rle
@@ -119,10 +120,13 @@ class MaskRCNN(nn.Module):
             result["areas"] = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
         return result
 
+    def precision_on(self, device: torch.device | str) -> str:
+        """The precision inference runs in on ``device`` (``fp32``, ``bf16`` or ``fp16``): ``config.precision``
+        resolved there (maskray.model.precision)."""
+        return precision.resolve(self.config.precision, device, self.config.cuda_autocast)
+
     def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
-        if device.type == "cuda" and self.config.cuda_autocast:
-            return torch.autocast("cuda", dtype=getattr(torch, self.config.cuda_autocast))
-        return contextlib.nullcontext()
+        return precision.autocast(self.precision_on(device), device)
 
     def to_inference_layout(self) -> MaskRCNN:
         """Convolution weights in the layout ``config.channels_last`` asks for; returns self."""
@@ -145,15 +149,11 @@ class MaskRCNN(nn.Module):
         91 classes. A ``config`` that builds other parts than the weights hold is a ValueError.
         Loaded with ``weights_only=True``.
         """
-        from maskray.model.checkpoint import check_layout, read_torchvision_state_dict, torchvision_layout
+        from maskray.model.checkpoint import check_layout, read_torchvision_state_dict, torchvision_config
 
         state_dict = read_torchvision_state_dict(state_dict_or_path)
         if config is None:
-            num_classes = state_dict["roi_heads.box_predictor.cls_score.weight"].shape[0]
-            layout = torchvision_layout(state_dict)
-            v1 = (layout["fpn_norm"], layout["rpn_head_convs"], layout["box_head_convs"]) == ("none", 1, 0)
-            preset = MaskRCNNConfig.resnet50_fpn if v1 else MaskRCNNConfig.resnet50_fpn_v2
-            config = preset(num_classes, _coco_names(num_classes)).replace(**layout)
+            config = torchvision_config(state_dict)
         check_layout(config, state_dict, state_dict_or_path if not isinstance(state_dict_or_path, dict) else "state dict")
         model = cls(config)
         model.load_state_dict(state_dict)
@@ -173,10 +173,3 @@ class MaskRCNN(nn.Module):
 
         return model_from_state(safe_load(path, map_location), path)
 
-
-def _coco_names(num_classes: int) -> tuple[str, ...]:
-    if num_classes != 91:
-        return ()
-    from torchvision.models._meta import _COCO_CATEGORIES
-
-    return tuple("__background__" if i == 0 else name for i, name in enumerate(_COCO_CATEGORIES))

@@ -195,10 +195,11 @@ class RoIHeads(nn.Module):
             labels = torch.cat([d["labels"] for d in detections])
             pooled = self.mask_roi_pool(features, boxes, image_sizes)
             if labels.numel() > 0:
-                probs = self.mask_predictor.logits_for(self.mask_head(pooled), labels).sigmoid()
+                # float32 probabilities: the mask threshold is applied to them, whatever autocast ran in.
+                probs = self.mask_predictor.logits_for(self.mask_head(pooled), labels).float().sigmoid()
             else:
                 size = 2 * self.mask_roi_pool.output_size[0]
-                probs = pooled.new_zeros((0, size, size))
+                probs = pooled.new_zeros((0, size, size), dtype=torch.float32)
             for detection, image_probs in zip(detections, probs.split([len(b) for b in boxes])):
                 detection["mask_probs"] = image_probs
         return detections

@@ -150,6 +150,7 @@ class RegionProposalNetwork(nn.Module):
     ) -> list[Tensor]:
         """Top-k per level, clip, drop tiny and low-scoring boxes, NMS per level, keep the best."""
         device = proposals.device
+        objectness = objectness.float()  # scores in float32 under autocast too, as the box head's are
         pre_nms_top_n = self._pre_nms_top_n[self._mode()]
         post_nms_top_n = self._post_nms_top_n[self._mode()]
         top_indices, level_ids = [], []

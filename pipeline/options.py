@@ -24,6 +24,12 @@ STORAGE_OPTIONS_HELP = (
     f"history, and Ray's job table under ray job submit): give credentials by @FILE or {STORAGE_OPTIONS_VARIABLE}")
 
 
+# --precision of segment, evaluate and train: maskray.model.precision.PRECISIONS, here without torch.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISION_HELP = ("what the model computes in: auto (default) is bf16 on CPUs that have it natively (AVX512-BF16, "
+                  "AMX), fp16 on GPUs, fp32 elsewhere")
+
+
 class _FromEnvironment(str):
     """The text of the variable above, as the option's default (argparse parses a str default with
     the option's type, and reports its errors as the option's): marked so that errors name it."""

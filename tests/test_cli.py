@@ -24,7 +24,7 @@ from maskray.pipeline.segment.settings import SegmentJob
 from maskray.pipeline.train.settings import TrainSettings
 
 ROOT = Path(__file__).resolve().parents[1]
-SEGMENT_REQUIRED = ["in", "out", "--weights", "w.pt"]
+SEGMENT_REQUIRED = ["in", "out"]  # --weights has a default: coco-v2
 TRAIN_REQUIRED = ["--train-json", "t.json", "--train-images", "img", "--output", "run"]
 COMMANDS = [(SegmentJob, segment_job, SEGMENT_REQUIRED), (TrainSettings, train_job, TRAIN_REQUIRED)]
 
@@ -56,7 +56,7 @@ def test_defaults_are_the_dataclass_defaults(settings_class, job_module, require
 
 
 def test_segment_options_reach_the_job():
-    args = parser_of(segment_job).parse_args(SEGMENT_REQUIRED + [
+    args = parser_of(segment_job).parse_args(SEGMENT_REQUIRED + ["--weights", "w.pt",
         "--batch-size", "3", "--shard-size", "5", "--score-threshold", "0.25", "--max-pixels", "1000",
         "--storage-options", '{"anon": true}', "--no-progress", "--num-actors", "2", "--actor-start-timeout", "30"])
     job = dataclass_from_namespace(SegmentJob, args)

@@ -2,6 +2,8 @@
 torchvision's CUDA ops, plus CUDA against our CPU kernels and what only a device shows.
 Skipped without a CUDA device or without a build of the CUDA kernels."""
 
+import contextlib
+
 import pytest
 import torch
 import torchvision.ops
@@ -16,6 +18,8 @@ from conftest import (
     fpn_boxes,
     fpn_features,
     make_input,
+    output_and_grad,
+    random_like_output,
     random_rois,
     requires_cuda,
 )
@@ -92,3 +96,35 @@ def test_multiscale_roi_align_cuda(sampling_ratio, generator):
     out = MultiScaleRoIAlign(names, 7, sampling_ratio)(features, boxes, FPN_IMAGE_SHAPES)
     expected = torchvision.ops.MultiScaleRoIAlign(names, 7, sampling_ratio)(features, boxes, FPN_IMAGE_SHAPES)
     torch.testing.assert_close(out, expected)
+
+
+@contextlib.contextmanager
+def _deterministic_algorithms():
+    before = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("op, extra", OPS)
+def test_deterministic_backward(op, extra, layout, generator):
+    # Under torch.use_deterministic_algorithms(True) the CUDA backward gathers each row of
+    # grad_input in one fixed order instead of scattering with atomics: bit-identical gradients
+    # run to run, and the CPU's gradient to rounding (the GPU fuses multiply-adds). Many rois on
+    # a small map, so that each cell receives many adds, whose order atomics would vary.
+    x = make_input((2, 40, *FEATURE[2:]), layout, generator).cuda()
+    rois = random_rois(FEATURE[0], 256, *FEATURE[2:], 0.5, generator).cuda()
+    fn = op.pair(rois, OUTPUT_SIZE, 0.5, **extra)[0]
+    grad_output = random_like_output(fn(x), generator)
+    with _deterministic_algorithms():
+        grads = [output_and_grad(fn, x, grad_output)[1] for _ in range(3)]
+    for grad in grads[1:]:
+        assert torch.equal(grad, grads[0])
+    cpu_fn = op.pair(rois.cpu(), OUTPUT_SIZE, 0.5, **extra)[0]
+    _, expected = output_and_grad(cpu_fn, x.cpu(), grad_output.cpu())
+    torch.testing.assert_close(grads[0].cpu(), expected)
+    assert grads[0].stride() == expected.stride()

@@ -21,7 +21,7 @@ from maskray.pipeline.segment.output import (
     remove_interrupted_writes,
     table_to_parquet_bytes,
 )
-from maskray.pipeline.segment.plan import PLAN_FILE, Plan
+from maskray.pipeline.segment.plan import GENERATIONS, PLAN_FILE, Plan
 from maskray.pipeline.storage import open_url, write_bytes_atomically
 from tests.test_storage import _throttled, failing_first, no_waits  # noqa: F401 - no_waits is a fixture
 
@@ -213,3 +213,100 @@ def test_manifest_round_trip_and_identity(tmp_path):
     assert identity_mismatch(stored, _manifest(weights={"name": "w.pt", "sha256": "cd"})) == ["weights_sha256"]
     assert identity_mismatch(stored, _manifest(config={"min_size": [800]})) == ["config.min_size"]
     assert identity_mismatch(stored, _manifest(options={"shard_size": 8, "batch_size": 2, "max_pixels": 100})) == ["shard_size"]
+    # A batch size left to the device (None) resumes an output made with one: the job runs it as stored.
+    assert identity_mismatch(stored, _manifest(options={"shard_size": 64, "batch_size": None, "max_pixels": 100})) == []
+    assert identity_mismatch(stored, _manifest(options={"shard_size": 64, "batch_size": 4, "max_pixels": 100})) == ["batch_size"]
+
+
+# Generations (maskray segment --update) -------------------------------------------------------
+
+
+def test_a_generation_continues_the_shards_and_ids_and_leaves_the_plan_before_it(tmp_path):
+    """An update's generation: shards and image ids go on from the plan's (a short last shard
+    stays short), the files before it are not rewritten, and a reopened plan reads them all."""
+    fs, output = open_url(str(tmp_path / "out"))
+    first = [f"s3://b/{i:04d}.jpg" for i in range(7)]
+    plan = Plan.create(fs, output, first, 3)  # shards 0, 1 and a short 2
+    before = (tmp_path / "out" / PLAN_FILE).stat()
+    added = [f"s3://b/{i:04d}.jpg" for i in range(7, 12)]
+    plan = plan.add_generation(added, 3)
+    assert [(g.number, g.file, g.first_shard, g.num_shards, g.first_image_id, g.num_images) for g in plan.generations] == [
+        (0, PLAN_FILE, 0, 3, 0, 7), (1, f"{GENERATIONS}/plan-000001.parquet", 3, 2, 7, 5)]
+    assert (plan.num_images, plan.num_shards, plan.shard_size) == (12, 5, 3)
+    assert (tmp_path / "out" / GENERATIONS / "plan-000001.parquet").is_file()
+    after = (tmp_path / "out" / PLAN_FILE).stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    plan = plan.add_generation(["s3://b/late.jpg"], 3)
+    reopened = Plan(fs, output)
+    shards = list(reopened.shards())
+    assert [s.index for s in shards] == [0, 1, 2, 3, 4, 5]
+    assert [len(s.uris) for s in shards] == [3, 3, 1, 3, 2, 1] == [reopened.shard_length(i) for i in range(6)]
+    assert [u for s in shards for u in s.uris] == first + added + ["s3://b/late.jpg"]
+    assert [i for s in shards for i in s.image_ids] == list(range(13))
+    assert [s.index for s in reopened.shards(skip={0, 1, 2})] == [3, 4, 5]
+    assert reopened.shard(1) == shards[1] and reopened.shard(4) == shards[4]  # back and forth between files
+    with pytest.raises(IndexError):
+        reopened.shard(6)
+    reopened.close()
+    plan.close()
+
+
+def test_a_gap_in_the_generations_is_a_damaged_plan(tmp_path):
+    fs, output = open_url(str(tmp_path / "out"))
+    plan = Plan.create(fs, output, ["a", "b"], 1).add_generation(["c"], 1).add_generation(["d"], 1)
+    plan.close()
+    (tmp_path / "out" / GENERATIONS / "plan-000001.parquet").unlink()
+    with pytest.raises(ValueError, match="the plan is damaged: _plan/plan-000001.parquet is missing"):
+        Plan(fs, output)
+    # A generation file of another plan (ids that do not go on from this one's) is refused too.
+    (tmp_path / "out" / GENERATIONS / "plan-000002.parquet").rename(tmp_path / "out" / GENERATIONS / "plan-000001.parquet")
+    with pytest.raises(ValueError, match="image ids start at 3, where the generations before it end at 2"):
+        Plan(fs, output)
+
+
+def _naive_unplanned(listing: list[str], planned: list[str]) -> tuple[list[str], int]:
+    known = set(planned)
+    return [u for u in listing if u not in known], sum(u in known for u in listing)
+
+
+@pytest.mark.parametrize("batch_rows", [1, 7, 65536])
+def test_unplanned_is_the_listing_less_the_plan(tmp_path, monkeypatch, batch_rows):
+    """The merge of a listing with every generation of a plan, batch by batch, finds exactly what a
+    set would: keys before, between and after the plan's, keys gone from the listing, unicode,
+    generations whose ranges overlap, and a plan file whose rows are not sorted."""
+    import random
+
+    from maskray.pipeline.segment import plan as plan_module
+    from maskray.pipeline.segment.listing import sorted_unique
+
+    monkeypatch.setattr(plan_module, "DIFF_BATCH_ROWS", batch_rows)
+    monkeypatch.setattr(plan_module, "DIFF_BATCH_GROUPS", 3)
+    rng = random.Random(batch_rows)
+    alphabet = "ab/éж😀0"
+    universe = sorted({"s3://b/" + "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 8))) for _ in range(2000)})
+    fs, output = open_url(str(tmp_path / "out"))
+    generations = [sorted(rng.sample(universe, 150)), sorted(rng.sample(universe, 90)), rng.sample(universe, 40)]
+    planned: list[str] = []
+    plan = None
+    for uris in generations:
+        uris = [u for u in uris if u not in set(planned)]
+        plan = Plan.create(fs, output, uris, 4) if plan is None else plan.add_generation(uris, 4)
+        planned += uris
+    assert len(plan.generations) == 3
+    listing = sorted(rng.sample(universe, 400))
+    new, present = plan.unplanned(sorted_unique(listing))
+    assert (new.to_pylist(), present) == _naive_unplanned(listing, planned)
+    assert plan.unplanned(sorted_unique(planned))[0].to_pylist() == []
+    assert plan.unplanned(pa.array([], pa.large_string()))[0].to_pylist() == []
+    plan.close()
+
+
+def test_unplanned_reads_are_retried(no_waits, monkeypatch):  # noqa: F811
+    fs, output = MemoryFileSystem(skip_instance_cache=True), f"/out-{uuid.uuid4().hex[:8]}"
+    plan = Plan.create(fs, output, ["a", "c"], 1).add_generation(["b"], 1)
+    calls = failing_first(monkeypatch, fs, "ls", [_throttled()])  # the listing of the generations
+    reopened = Plan(fs, output)
+    assert len(calls) == 2 and reopened.num_shards == 3
+    assert reopened.unplanned(pa.array(["a", "b", "d"], pa.large_string()))[0].to_pylist() == ["d"]
+    reopened.close()
+    plan.close()

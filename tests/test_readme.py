@@ -6,9 +6,9 @@ its text, so a README that changes its commands fails here until this test follo
 block runs with the venv's ``maskray`` first on PATH, as after ``make setup`` and activating it.
 """
 
+import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -75,18 +75,18 @@ def test_the_training_block_as_written(fresh_folder):
 
 
 @pytest.mark.slow
-def test_the_bucket_block_as_written(fresh_folder, s3_server):
-    """Its buckets (photos, results) on the loopback S3 server, reached through the options file
-    the block writes (only the endpoint is this server's), with credentials from the environment."""
+def test_the_bucket_block_as_written(fresh_folder, s3_server, seeded_torch_home):
+    """Its bucket on the loopback S3 server, reached through the options file the block writes
+    (only the endpoint is this server's), with credentials from the environment; the default
+    model, coco-v2, from a torch hub cache seeded with weights of its layout (tests/hub_cache.py)."""
     import s3fs
 
     from tests.services import s3_storage_options
 
     options = s3_storage_options(s3_server)
     fs = s3fs.S3FileSystem(**options)
-    for bucket in ("photos", "results"):
-        if not fs.exists(bucket):
-            fs.call_s3("create_bucket", Bucket=bucket)
+    if not fs.exists("bucket"):
+        fs.call_s3("create_bucket", Bucket="bucket")
     for index, name in enumerate(["cat.jpg", "dog.png", "street.png"]):
         png, _ = make_image(seed=9, index=index, width=96, height=80)
         if name.endswith(".jpg"):  # a real JPEG, as cameras write
@@ -97,14 +97,16 @@ def test_the_bucket_block_as_written(fresh_folder, s3_server):
             buffer = io.BytesIO()
             Image.open(io.BytesIO(png)).convert("RGB").save(buffer, "JPEG", quality=92)
             png = buffer.getvalue()
-        fs.pipe(f"photos/2026/{name}", png)
-    shutil.copy(REPO / "model" / "weights" / "shapes_light.pt", fresh_folder / "model.pt")
+        fs.pipe(f"bucket/photos/{name}", png)
 
     block = smaller(readme_block("Segmenting a bucket"), {"https://s3.example.com": s3_server})
     env = user_environment(fresh_folder.parent / "home", AWS_ACCESS_KEY_ID=options["key"],
-                           AWS_SECRET_ACCESS_KEY=options["secret"], AWS_DEFAULT_REGION="us-east-1")
+                           AWS_SECRET_ACCESS_KEY=options["secret"], AWS_DEFAULT_REGION="us-east-1",
+                           TORCH_HOME=str(seeded_torch_home))
     said = run_block(block, fresh_folder, env, timeout=900)
     assert "3 images (0 errors)" in said
+    manifest = json.loads(fs.cat_file("bucket/out/_manifest.json"))
+    assert manifest["weights"]["name"] == "coco-v2" and manifest["config"]["box_head_convs"] == 4
     assert (fresh_folder / "cat.png").is_file()
     assert "label_name" in said  # the query's table
     assert options["secret"] not in said
@@ -120,3 +122,28 @@ def test_the_demo_and_its_same_as_line(fresh_folder):
     [same_as] = re.findall(r"\(the same as: (maskray segment .*)\)", said)
     again = run_block(same_as, fresh_folder, env, timeout=600)
     assert "nothing to do: all 2 shards were already done" in again, again
+
+
+@pytest.mark.slow
+def test_the_ways_out_of_an_output_as_written(fresh_folder):
+    """After the demo, the export block and the masks-as-arrays snippet of "Taking results elsewhere",
+    run as written from the same folder; pycocotools reads the files back."""
+    from pycocotools.coco import COCO
+
+    env = user_environment(fresh_folder.parent / "home")
+    run_block("maskray demo --images 4", fresh_folder, env, timeout=900)
+    said = run_block(readme_block("Taking results elsewhere"), fresh_folder, env, timeout=300)
+    coco = COCO(str(fresh_folder / "coco.json"))
+    instances = connect(str(fresh_folder / "maskray-demo" / "output")).sql("SELECT count(*) FROM instances").fetchall()[0][0]
+    assert len(coco.getAnnIds()) == instances > 0 and f"{instances} annotations" in said
+    results = json.loads((fresh_folder / "results.json").read_text())
+    assert results and all(r["score"] >= 0.5 for r in results) and coco.loadRes(results).getAnnIds()
+
+    section = README.read_text().split("\n## Taking results elsewhere\n")[1]
+    [snippet] = [s for s in re.findall(r"```python\n(.*?)```", section, re.DOTALL) if "open_output" in s]
+    snippet = "\n".join(line.strip() for line in snippet.splitlines())  # the snippet is indented in its list item
+    check = snippet + "\nassert found.masks.shape == (len(found), found.height, found.width) and found.masks.any()\n"
+    done = subprocess.run([sys.executable, "-c", check], cwd=fresh_folder, env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+

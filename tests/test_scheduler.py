@@ -17,7 +17,7 @@ from maskray.pipeline.segment.shardbook import (
 
 
 def summary(images: int, node: str = "node-a") -> dict:
-    return {"images": images, "node": node}
+    return {"images": images, "node": node, "precision": "fp32"}
 
 
 def take(book: ShardBook, count: int) -> list[int | None]:
@@ -175,7 +175,8 @@ def test_processing_time_runs_from_the_first_ready_actor():
     book.actor_ready(now=12.0)  # a second actor does not move the start
     assert book.next_shard() == 0
     book.shard_finished(0, summary(4))
-    assert book.result(now=25.5) == RunStats(shards=1, images=4, nodes={"node-a"}, processing_seconds=15.5)
+    assert book.result(now=25.5) == RunStats(shards=1, images=4, nodes={"node-a"}, precisions={"fp32"},
+                                                  processing_seconds=15.5)
 
 
 def test_no_processing_time_when_no_actor_was_ever_ready():

@@ -282,22 +282,28 @@ def test_cosine_schedule_is_torchs_cosine_annealing():
         cosine.step()
 
 
-def test_torchvision_weights_start_a_model_of_other_classes():
+@pytest.mark.parametrize("builder, norm", [("maskrcnn_resnet50_fpn", "frozen"), ("maskrcnn_resnet50_fpn_v2", "batch")])
+def test_torchvision_weights_start_a_model_of_other_classes(builder, norm):
     import torchvision
 
+    from maskray.model.checkpoint import torchvision_config
+
     torch.manual_seed(0)
-    theirs = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91)
+    theirs = getattr(torchvision.models.detection, builder)(weights=None, weights_backbone=None, num_classes=91)
     state_dict = theirs.state_dict()
     settings = TrainSettings(train_json="x", train_images="y", output="z")
-    config = model_config(settings, ("__background__", "a", "b"), None, init_is_torchvision=True)
-    assert config.backbone == "resnet50" and config.backbone_norm == "frozen" and config.num_classes == 3
+    config = model_config(settings, ("__background__", "a", "b"), torchvision_config(state_dict))
+    assert config.backbone == "resnet50" and config.backbone_norm == norm and config.num_classes == 3
+    # v2's trunk as torchvision trains it from COCO weights: BatchNorm, three stages trainable.
+    assert config.trainable_backbone_layers == 3 and config.class_names == ("__background__", "a", "b")
+    assert (config.box_head_convs, config.rpn_head_convs) == ((4, 2) if norm == "batch" else (0, 1))
     model = MaskRCNN(config)
     remade = load_initial_weights(model, state_dict)
     assert remade == ["roi_heads.box_predictor.bbox_pred", "roi_heads.box_predictor.cls_score",
                       "roi_heads.mask_predictor.mask_fcn_logits"]
     ours = model.state_dict()
     for key, value in state_dict.items():
-        if key.endswith("num_batches_tracked"):  # torchvision's frozen BatchNorm keeps none; neither do we
+        if key.endswith("num_batches_tracked") and norm == "frozen":  # torchvision's frozen BatchNorm keeps none
             assert key not in ours
         elif key.startswith(tuple(remade)):
             assert ours[key].shape[0] != value.shape[0]

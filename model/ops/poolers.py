@@ -30,8 +30,52 @@ def fpn_levels(boxes: Sequence[Tensor], k_min: int, k_max: int, canonical_scale:
     return levels.clamp(min=k_min, max=k_max).to(torch.int64) - k_min
 
 
+def multiscale_pool(
+    features: dict[str, Tensor],
+    boxes: list[Tensor],
+    image_shapes: list[tuple[int, int]],
+    pooler: str,
+    op: str,
+    featmap_names: list[str],
+    output_size: tuple[int, int],
+    canonical_scale: float,
+    canonical_level: int,
+    pool_arguments: dict,
+) -> Tensor:
+    """The work of the module named ``pooler``, with ``op`` ("roi_align" or "roi_pool"); see its forward."""
+    missing = [name for name in featmap_names if name not in features]
+    if missing:
+        raise KeyError(f"{pooler}: feature maps {missing} are missing; got {list(features)}")
+    levels = [v for k, v in features.items() if k in featmap_names]
+    image_size = (max(s[0] for s in image_shapes), max(s[1] for s in image_shapes))
+    scales = [infer_scale(level, image_size) for level in levels]
+    pool = {"roi_align": roi_align, "roi_pool": roi_pool}[op]
+
+    rois = rois_from_boxes(boxes, levels[0], pooler)
+    if len(levels) == 1:
+        return pool(levels[0], rois, output_size, scales[0], **pool_arguments)
+
+    k_min = int(-math.log2(scales[0]))
+    k_max = int(-math.log2(scales[-1]))
+    box_levels = fpn_levels(boxes, k_min, k_max, canonical_scale, canonical_level)
+    first = levels[0]
+    result = first.new_zeros((rois.size(0), first.size(1), *output_size))
+    for level, (feature, scale) in enumerate(zip(levels, scales)):
+        in_level = torch.where(box_levels == level)[0]
+        result[in_level] = pool(feature, rois[in_level], output_size, scale, **pool_arguments).to(result.dtype)
+    return result
+
+
+# An FX leaf, as torchvision wraps its MultiScaleRoIAlign's data-dependent parts: level scales
+# come from feature shapes and boxes are sorted into levels by value, neither of which a
+# symbolic trace can follow.
+torch.fx.wrap("multiscale_pool")
+
+
 class _MultiScaleRoIPooler(nn.Module):
     """Shared by MultiScaleRoIAlign and MultiScaleRoIPool: level assignment and the per-level loop."""
+
+    op = ""  # the per-level op, a key of multiscale_pool's table
 
     def __init__(
         self,
@@ -49,8 +93,9 @@ class _MultiScaleRoIPooler(nn.Module):
         self.canonical_scale = canonical_scale
         self.canonical_level = canonical_level
 
-    def _pool(self, feature: Tensor, rois: Tensor, scale: float) -> Tensor:
-        raise NotImplementedError
+    def _pool_arguments(self) -> dict:
+        """The pooling op's keyword arguments beyond output_size and spatial_scale."""
+        return {}
 
     def forward(self, features: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
         """Pools ``boxes`` (one Tensor[L, 4] per image, xyxy in image pixels) from ``features``.
@@ -63,26 +108,10 @@ class _MultiScaleRoIPooler(nn.Module):
         Returns:
             Tensor[sum(L), C, output_size[0], output_size[1]], in the order of ``boxes``.
         """
-        missing = [name for name in self.featmap_names if name not in features]
-        if missing:
-            raise KeyError(f"{type(self).__name__}: feature maps {missing} are missing; got {list(features)}")
-        levels = [v for k, v in features.items() if k in self.featmap_names]
-        image_size = (max(s[0] for s in image_shapes), max(s[1] for s in image_shapes))
-        scales = [infer_scale(level, image_size) for level in levels]
-
-        rois = rois_from_boxes(boxes, levels[0], type(self).__name__)
-        if len(levels) == 1:
-            return self._pool(levels[0], rois, scales[0])
-
-        k_min = int(-math.log2(scales[0]))
-        k_max = int(-math.log2(scales[-1]))
-        box_levels = fpn_levels(boxes, k_min, k_max, self.canonical_scale, self.canonical_level)
-        first = levels[0]
-        result = first.new_zeros((rois.size(0), first.size(1), *self.output_size))
-        for level, (feature, scale) in enumerate(zip(levels, scales)):
-            in_level = torch.where(box_levels == level)[0]
-            result[in_level] = self._pool(feature, rois[in_level], scale).to(result.dtype)
-        return result
+        return multiscale_pool(
+            features, boxes, image_shapes, type(self).__name__, self.op, self.featmap_names, self.output_size,
+            self.canonical_scale, self.canonical_level, self._pool_arguments(),
+        )
 
     def extra_repr(self) -> str:
         return f"featmap_names={self.featmap_names}, output_size={self.output_size}"
@@ -94,6 +123,8 @@ class MultiScaleRoIAlign(_MultiScaleRoIPooler):
     Same arguments and result as ``torchvision.ops.MultiScaleRoIAlign``, plus ``aligned``
     (see :func:`model.ops.roi_align`; False, torchvision's choice, by default).
     """
+
+    op = "roi_align"
 
     def __init__(
         self,
@@ -109,8 +140,8 @@ class MultiScaleRoIAlign(_MultiScaleRoIPooler):
         self.sampling_ratio = sampling_ratio
         self.aligned = aligned
 
-    def _pool(self, feature: Tensor, rois: Tensor, scale: float) -> Tensor:
-        return roi_align(feature, rois, self.output_size, scale, self.sampling_ratio, self.aligned)
+    def _pool_arguments(self) -> dict:
+        return {"sampling_ratio": self.sampling_ratio, "aligned": self.aligned}
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, sampling_ratio={self.sampling_ratio}, aligned={self.aligned}"
@@ -119,5 +150,4 @@ class MultiScaleRoIAlign(_MultiScaleRoIPooler):
 class MultiScaleRoIPool(_MultiScaleRoIPooler):
     """RoIPool over FPN levels, for comparing against RoIAlign as the Mask R-CNN paper does."""
 
-    def _pool(self, feature: Tensor, rois: Tensor, scale: float) -> Tensor:
-        return roi_pool(feature, rois, self.output_size, scale)
+    op = "roi_pool"

@@ -49,6 +49,10 @@ def roi_align(
     )
 
 
+# An FX leaf, as in torchvision: symbolic_trace records one call instead of tracing the argument checks.
+torch.fx.wrap("roi_align")
+
+
 class RoIAlign(nn.Module):
     """``roi_align`` as a module; see :func:`roi_align`."""
 

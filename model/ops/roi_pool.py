@@ -34,6 +34,10 @@ def roi_pool(
     return output
 
 
+# An FX leaf, as in torchvision: symbolic_trace records one call instead of tracing the argument checks.
+torch.fx.wrap("roi_pool")
+
+
 class RoIPool(nn.Module):
     """``roi_pool`` as a module; see :func:`roi_pool`."""
 

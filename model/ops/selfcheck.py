@@ -62,16 +62,16 @@ def run_checks(seed: int = 0, boxes: int = 64) -> Iterator[Check]:
         feature, rois = _inputs(seed, boxes, device)
         cases = {
             "roi_align 7x7 aligned": (
-                lambda x: roi_align(x, rois, 7, 0.25, 2, True),
-                lambda x: torchvision.ops.roi_align(x, rois, 7, 0.25, 2, True),
+                lambda x, rois=rois: roi_align(x, rois, 7, 0.25, 2, True),
+                lambda x, rois=rois: torchvision.ops.roi_align(x, rois, 7, 0.25, 2, True),
             ),
             "roi_align 14x14 adaptive": (
-                lambda x: roi_align(x, rois, 14, 0.25, -1, False),
-                lambda x: torchvision.ops.roi_align(x, rois, 14, 0.25, -1, False),
+                lambda x, rois=rois: roi_align(x, rois, 14, 0.25, -1, False),
+                lambda x, rois=rois: torchvision.ops.roi_align(x, rois, 14, 0.25, -1, False),
             ),
             "roi_pool 7x7": (
-                lambda x: roi_pool(x, rois, 7, 0.25),
-                lambda x: torchvision.ops.roi_pool(x, rois, 7, 0.25),
+                lambda x, rois=rois: roi_pool(x, rois, 7, 0.25),
+                lambda x, rois=rois: torchvision.ops.roi_pool(x, rois, 7, 0.25),
             ),
         }
         for case, (ours, theirs) in cases.items():

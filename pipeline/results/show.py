@@ -69,17 +69,27 @@ def render_overlay(
     max_size: int | None = None,
 ):
     """The image ``image`` (a URI in the output, or a unique suffix of one) with its instances
-    of score >= ``min_score`` drawn, as a PIL image; and the number of instances drawn.
+    of score >= ``min_score`` drawn, as a PIL image (``draw_image``); and the number of instances drawn.
 
     The picture is the image times ``scale`` (default ``auto_scale``: small images enlarged so
     that labels stay legible, others kept), then shrunk, if need be, so that its longest side
     is at most ``max_size`` pixels (``picture_size``)."""
-    from PIL import Image
-
     row = find_image_uri(output_url, image, storage_options)
     if row["status"] != "ok":
         raise ValueError(f"{row['image_uri']} could not be segmented: {row['error']}")
-    uri = row["image_uri"]
+    instances = open_table(output_url, INSTANCES, storage_options).to_table(
+        filter=(ds.field("image_uri") == row["image_uri"]) & (ds.field("score") >= min_score)
+    ).to_pylist()
+    return draw_image(row["image_uri"], instances, storage_options, alpha, scale, max_size), len(instances)
+
+
+def draw_image(uri: str, instances: list[dict], storage_options: Mapping[str, Any] | None = None,
+               alpha: float = DEFAULT_ALPHA, scale: float | None = None, max_size: int | None = None):
+    """The image at ``uri`` (read and decoded as the job did) with ``instances`` (its rows of the
+    instances table) drawn, sized by ``picture_size``, as a PIL image: what ``maskray show``
+    and ``maskray browse`` draw."""
+    from PIL import Image
+
     fs, path = open_object_url(uri, storage_options if not uri.startswith("file://") else None)
     try:
         data = read_bytes(fs, path, public_url(uri))  # retried, like the job's own read of it
@@ -97,11 +107,9 @@ def render_overlay(
         canvas = np.asarray(Image.fromarray(pixels).resize(
             size, Image.Resampling.NEAREST if enlarging else Image.Resampling.LANCZOS,
             reducing_gap=None if enlarging else 3.0)).copy()
-    instances = open_table(output_url, INSTANCES, storage_options).to_table(
-        filter=(ds.field("image_uri") == uri) & (ds.field("score") >= min_score)
-    ).sort_by("instance").to_pylist()
+    instances = sorted(instances, key=lambda r: r["instance"])
     factor = (size[0] / original[0], size[1] / original[1])
-    return draw_instances(canvas, instances, factor, alpha), len(instances)
+    return draw_instances(canvas, instances, factor, alpha)
 
 
 def draw_instances(canvas: np.ndarray, instances: list[dict], factor: tuple[float, float],

@@ -26,7 +26,7 @@ FORMAT_VERSION = 1
 class Manifest:
     input: str
     output: str
-    weights: dict[str, str]  # {"name": ..., "sha256": ...}
+    weights: dict[str, str]  # {"name": ..., "file": ..., "sha256": ...} (maskray.pipeline.weights.Weights.describe)
     config: dict[str, Any]  # the model configuration, after the job's overrides
     options: dict[str, Any]  # what changes results: shard_size, batch_size, max_pixels
     versions: dict[str, str]
@@ -35,6 +35,8 @@ class Manifest:
     created: str = field(default_factory=lambda: datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
     status: str = "running"  # "running" until every shard is done, then "complete"
     totals: dict[str, Any] = field(default_factory=dict)  # images, ok, errors, instances
+    # The precisions inference ran in, over every run into this output (config.precision is what was asked: "auto" resolves per device).
+    precision: list[str] = field(default_factory=list)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -66,5 +68,7 @@ def identity_mismatch(stored: Manifest, wanted: Manifest) -> list[str]:
     a, b = stored.identity(), wanted.identity()
     differences = [k for k in a if k not in ("config", "options") and a[k] != b[k]]
     differences += [f"config.{k}" for k in sorted(set(a["config"]) | set(b["config"])) if a["config"].get(k) != b["config"].get(k)]
-    differences += [f"{k}" for k in sorted(set(a["options"]) | set(b["options"])) if a["options"].get(k) != b["options"].get(k)]
+    # An option left to the job (None: batch_size chosen for the device) takes what the stored job ran with.
+    differences += [f"{k}" for k in sorted(set(a["options"]) | set(b["options"]))
+                    if b["options"].get(k) is not None and a["options"].get(k) != b["options"].get(k)]
     return differences

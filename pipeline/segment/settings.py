@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from maskray.pipeline.limits import DEFAULT_MAX_PIXELS
-from maskray.pipeline.options import STORAGE_OPTIONS_HELP, storage_options
+from maskray.pipeline.options import PRECISION_HELP, PRECISIONS, STORAGE_OPTIONS_HELP, storage_options
 from maskray.pipeline.storage import absolute_url
+from maskray.pipeline.weights import DEFAULT_WEIGHTS, NAMES_HELP, weights_location
 
 
 @dataclass
@@ -24,11 +25,14 @@ class SegmentJob:
     output: str = field(metadata={
         "positional": True, "metavar": "OUTPUT",
         "help": "where the Parquet output goes (any fsspec URL); rerun to resume"})
-    weights: str = field(metadata={
-        "metavar": "CKPT", "help": "a maskray checkpoint or a torchvision Mask R-CNN state dict"})
+    weights: str = field(default=DEFAULT_WEIGHTS, metadata={
+        "metavar": "NAME|CKPT", "help": f"published weights by name ({NAMES_HELP}; default %(default)s, torchvision's "
+        "best Mask R-CNN), a maskray checkpoint, or a torchvision Mask R-CNN / Faster R-CNN state dict file"})
     storage_options: dict[str, Any] = field(default_factory=dict, metadata={
         "type": storage_options, "metavar": "JSON|@FILE", "help": STORAGE_OPTIONS_HELP})
-    batch_size: int = field(default=2, metadata={"help": "images per model call (default %(default)s)"})
+    batch_size: int | None = field(default=None, metadata={
+        "help": "images per model call (default: chosen for the device: 2 on a CPU; on a GPU as many as its "
+                "free memory holds at the model's input size, up to 16)"})
     shard_size: int = field(default=64, metadata={
         "help": "images per shard, the unit of work and resume (default %(default)s)"})
     num_actors: int | None = field(default=None, metadata={
@@ -46,10 +50,17 @@ class SegmentJob:
     progress: bool = field(default=True, metadata={"help": "no progress bar"})
     actor_start_timeout: float = field(default=600.0, metadata={
         "help": "seconds to wait for the model actors to start before the job gives up (default %(default)s)"})
+    precision: str = field(default="auto", metadata={
+        "choices": PRECISIONS, "help": PRECISION_HELP})
+    # Last: SegmentJob's fields may be given by position, so new ones go at the end.
+    update: bool = field(default=False, metadata={
+        "help": "list INPUT again and add the images that are not in OUTPUT's plan yet, as new shards (committed "
+                "shards are kept, and so are the rows of images gone from INPUT); without it a rerun only resumes"})
 
     def __post_init__(self) -> None:
         # Resolved where the user typed them: the actors run in folders of their own.
-        self.input, self.output, self.weights = (absolute_url(u) for u in (self.input, self.output, self.weights))
+        self.input, self.output = absolute_url(self.input), absolute_url(self.output)
+        self.weights = weights_location(self.weights)
 
     def validate(self) -> None:
         """The one check of the values' ranges (the command line parses plain numbers): ValueError."""
@@ -59,11 +70,17 @@ class SegmentJob:
                 raise ValueError(f"{name} must be at least 1, got {value}")
         if self.score_threshold is not None and not 0.0 <= self.score_threshold <= 1.0:
             raise ValueError(f"score_threshold must be in [0, 1], got {self.score_threshold}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if not self.actor_start_timeout > 0:
             raise ValueError(f"actor_start_timeout must be positive, got {self.actor_start_timeout}")
 
     def overrides(self) -> dict[str, Any]:
-        return {} if self.score_threshold is None else {"box_score_thresh": float(self.score_threshold)}
+        """The model config fields this job sets (maskray.pipeline.weights.build_model)."""
+        changes: dict[str, Any] = {"precision": self.precision}
+        if self.score_threshold is not None:
+            changes["box_score_thresh"] = float(self.score_threshold)
+        return changes
 
     def worker_options(self):
         """The options of each actor's ShardWorker."""

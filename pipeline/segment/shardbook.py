@@ -19,6 +19,7 @@ class RunStats:
     retries: int = 0
     actors_lost: int = 0
     nodes: set[str] = field(default_factory=set)
+    precisions: set[str] = field(default_factory=set)  # that the actors ran in (fp32, bf16, fp16)
     processing_seconds: float = 0.0
 
 
@@ -105,6 +106,7 @@ class ShardBook:
         self.stats.images += summary["images"]
         self.stats.shards += 1
         self.stats.nodes.add(summary["node"])
+        self.stats.precisions.add(summary["precision"])
 
     def shard_failed(self, index: int, reason: str) -> bool:
         """Charges shard ``index`` an attempt; True if it is queued again, False if it has had its

@@ -1,11 +1,19 @@
 """One shard from storage to Parquet: read, decode, batch, Mask R-CNN, rows, commit.
 
 ``ShardWorker`` is plain Python (the benchmark and tests use it without Ray); the Ray actor in
-``maskray.pipeline.segment.actors`` holds one. Reading and decoding overlap with inference: a thread pool
-fetches and decodes the next images (Pillow and fsspec release the GIL) while the model runs
-on the current batch, and at most ``prefetch`` decoded images wait ahead of the model, so
-memory stays bounded whatever the shard size. On a GPU the decoded images are pinned and
-copied without blocking.
+``maskray.pipeline.segment.actors`` holds one. Two stages run ahead of the model call:
+
+- a thread pool reads the next images (``read_threads`` in flight: object stores answer in
+  tens of ms) and decodes what is decoded on the CPU, at most ``prefetch`` images ahead of the
+  model, so memory stays bounded whatever the shard size: on a CPU device its JPEGs with
+  torchvision's libjpeg-turbo (Pillow's pixels, in less time) and everything else with Pillow,
+  at a lower priority than inference (``read_niceness``), so that decoding takes the cores
+  between the model's parallel regions rather than from its threads;
+- one preparing thread gathers those into the model's batches and makes batch n+1 ready on the
+  device while the model runs batch n: on a GPU its JPEGs are decoded there by nvJPEG, one call
+  a batch (``maskray.pipeline.gpu_decode``; Pillow keeps the other formats, EXIF rotation and
+  whatever nvJPEG refuses), and Pillow's images are copied from pinned memory on a stream of
+  its own, without blocking the model's.
 
 Every image of the shard ends up as one row of ``images``: ``ok`` with its size and instance
 count, or ``error`` with what is wrong with it (gone, not an image, too large, the model
@@ -14,7 +22,14 @@ that keeps failing, a CUDA device that broke) fails the whole shard instead, unc
 that a retry or a rerun processes it: an error row is final, and must not record a passing fault.
 """
 
+import contextlib
+import heapq
+import itertools
 import json
+import math
+import os
+import queue
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
@@ -25,6 +40,7 @@ from typing import Any
 import pyarrow as pa
 import torch
 
+from maskray.pipeline import gpu_decode
 from maskray.pipeline.decode import ImageDecodeError, decode_image
 from maskray.pipeline.errors import StorageError
 from maskray.pipeline.limits import DEFAULT_MAX_PIXELS
@@ -46,17 +62,50 @@ class ShardReadError(RuntimeError):
     """Storage kept failing for an image of the shard: the shard is not committed and is retried."""
 
 
+CPU_BATCH_SIZE = 2  # on the CPU a larger batch gains nothing: the cores are busy either way
+MAX_GPU_BATCH_SIZE = 16
+# GPU memory one image of the model's input size takes at inference, per input pixel, with
+# the model's activations of every stage live at once (an estimate to be replaced by
+# bench/gpu_check.py's measured peaks). An overestimate is cheap; an underestimate is caught
+# by _detect's halving on out-of-memory.
+GPU_BYTES_PER_PIXEL = 600
+GPU_MEMORY_SHARE = 0.7  # of the free memory, leaving room for the allocator's fragmentation
+
+
+def choose_batch_size(device: torch.device, input_pixels: int, free_bytes: int | None = None) -> int:
+    """The batch size for ``device`` when the user gave none: on a GPU as many images of
+    ``input_pixels`` (the model's resized input, e.g. 800 x 1333) as fit in its free memory."""
+    if device.type != "cuda":
+        return CPU_BATCH_SIZE
+    if free_bytes is None:
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+    fits = int(free_bytes * GPU_MEMORY_SHARE) // (GPU_BYTES_PER_PIXEL * input_pixels)
+    return max(1, min(MAX_GPU_BATCH_SIZE, fits))
+
+
 @dataclass(frozen=True)
 class WorkerOptions:
-    batch_size: int = 2
+    batch_size: int | None = None  # None: chosen for the device (choose_batch_size)
     max_pixels: int = DEFAULT_MAX_PIXELS
     read_threads: int = 8  # object stores answer in tens of ms: several reads in flight
     prefetch: int = 16  # decoded images held ahead of the model, at most
+    # Where JPEGs are decoded (maskray.pipeline.gpu_decode; Pillow for every other file either way):
+    # "device": on the model's device, a batch at a time in the preparing thread (nvJPEG on a GPU);
+    # "libjpeg": torchvision's libjpeg-turbo in the read threads, Pillow's pixels exactly at 0.6 of
+    # its time; "pillow"; None: "device" on a GPU, "libjpeg" on a CPU.
+    jpeg_decoder: str | None = None
+    # Niceness added to the read threads on a CPU device, so that their decoding takes the
+    # cores when inference leaves them (between its parallel regions), not from its threads.
+    read_niceness: int = 10
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_pixels", "read_threads", "prefetch"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.jpeg_decoder not in (None, "device", "libjpeg", "pillow"):
+            raise ValueError(f"jpeg_decoder must be 'device', 'libjpeg', 'pillow' or None, got {self.jpeg_decoder!r}")
+        if not 0 <= self.read_niceness <= 19:
+            raise ValueError(f"read_niceness must be in [0, 19], got {self.read_niceness}")
 
 
 @dataclass
@@ -65,6 +114,7 @@ class LoadedImage:
     image_id: int
     image: torch.Tensor | None = None  # uint8 [3, H, W]
     error: str | None = None
+    data: bytes | None = None  # a JPEG's bytes, left for the device to decode with its batch
 
 
 class ShardWorker:
@@ -84,11 +134,31 @@ class ShardWorker:
         self.model = build_model(weights, overrides, str(self.device))
         self.class_names = self.model.class_names
         self.options = options
+        self.batch_size = options.batch_size or choose_batch_size(self.device, _input_pixels(self.model))
         self.storage_options = dict(storage_options or {})
         self.secrets = secret_values(self.storage_options)
         self.output_fs, self.output = open_url(output, self.storage_options)
         self.metadata = dict(metadata or {})
-        self._readers = ThreadPoolExecutor(options.read_threads, thread_name_prefix="maskray-read")
+        self.jpeg_decoder = options.jpeg_decoder or ("device" if self.device.type == "cuda" else "libjpeg")
+        # Batch n+1's copies and decoding run on a stream of their own, beside batch n's model call.
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        niceness = options.read_niceness if self.device.type == "cpu" else 0
+        # On a CPU, one image decodes at a time, the shard's earliest first, however many reads
+        # are in flight: eight niced decoding threads together outweigh the model's threads in the
+        # kernel's scheduler, and an OpenMP region waits for its slowest thread. One keeps ahead of
+        # the model easily (a few ms an image against tens for the model).
+        self._decode_turns = _InOrder() if self.device.type == "cpu" else None
+        self._order = itertools.count()
+        self._readers = ThreadPoolExecutor(options.read_threads, thread_name_prefix="maskray-read",
+                                           initializer=_lower_priority, initargs=(niceness,))
+        if self.device.type == "cuda":
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One model call on a blank image of the model's input size, so that CUDA loads its kernels
+        and the libraries their handles while the actor starts, not in its first shard's first batch."""
+        side = max(self.model.config.min_size)
+        self.model([torch.zeros(3, side, side, dtype=torch.uint8, device=self.device)])
 
     # reading ---------------------------------------------------------------------------
 
@@ -96,12 +166,15 @@ class ShardWorker:
         # Storage options are the input's; fsspec caches the filesystem instances.
         return open_object_url(uri, self.storage_options if "://" in uri and not uri.startswith("file://") else None)
 
-    def load(self, uri: str, image_id: int) -> LoadedImage:
+    def load(self, uri: str, image_id: int, defer_jpeg: bool = False, order: float = math.inf) -> LoadedImage:
         """Reads and decodes one image. What is wrong with the image itself (gone since the
         listing, not an image, too large) becomes its error message; a storage failure that may
         pass (throttling, a 5xx, a dropped connection) is retried (maskray.pipeline.storage) and then
         raised as ShardReadError, as is one that cannot pass but is not the image's (refused
-        credentials), so that the shard is retried or rerun rather than committed with images it never read."""
+        credentials), so that the shard is retried or rerun rather than committed with images it never read.
+        With ``defer_jpeg``, a JPEG that the device decodes (maskray.pipeline.gpu_decode) is left as its
+        bytes; ``order`` is its place in the queue for the CPU's decoding (the lowest goes first)."""
+        defer_jpeg = defer_jpeg and self.jpeg_decoder == "device"
         try:
             fs, path = self._filesystem(uri)
             data = read_bytes(fs, path, uri)
@@ -111,78 +184,136 @@ class ShardWorker:
             raise ShardReadError(redact(str(error), self.secrets)) from None
         except Exception as error:  # noqa: BLE001 - no filesystem for the URL (an unknown protocol, a package missing)
             raise ShardReadError(redact(f"cannot read {describe_storage_error(uri, error)}", self.secrets)) from None
-        try:
-            image = decode_image(data, self.options.max_pixels)
-        except ImageDecodeError as error:
-            return LoadedImage(uri, image_id, error=str(error))
+        if defer_jpeg and gpu_decode.device_decodable(data, self.options.max_pixels):
+            return LoadedImage(uri, image_id, data=data)  # decoded on the device with its batch
+        with self._decode_turns.turn(order) if self._decode_turns is not None else contextlib.nullcontext():
+            image = self._decode_on_host(data)
+        if isinstance(image, ImageDecodeError):
+            return LoadedImage(uri, image_id, error=str(image))
         if self.device.type == "cuda":
             image = image.pin_memory()  # so that the copy to the GPU does not block
         return LoadedImage(uri, image_id, image=image)
+
+    def _decode_on_host(self, data: bytes) -> torch.Tensor | ImageDecodeError:
+        if self.jpeg_decoder != "pillow" and gpu_decode.device_decodable(data, self.options.max_pixels):
+            return gpu_decode.decode_batch([data], "cpu", self.options.max_pixels)[0]  # libjpeg-turbo
+        try:
+            return decode_image(data, self.options.max_pixels)
+        except ImageDecodeError as error:
+            return error
 
     def _loaded(self, shard: Shard) -> Iterator[LoadedImage]:
         """The shard's images in order, read and decoded up to ``prefetch`` ahead."""
         pending: deque[Future] = deque()
         todo = iter(zip(shard.uris, shard.image_ids))
         for uri, image_id in todo:
-            pending.append(self._readers.submit(self.load, uri, image_id))
+            pending.append(self._readers.submit(self.load, uri, image_id, True, next(self._order)))
             if len(pending) >= self.options.prefetch:
                 break
         while pending:
             loaded = pending.popleft().result()
             for uri, image_id in todo:  # top the window up by one
-                pending.append(self._readers.submit(self.load, uri, image_id))
+                pending.append(self._readers.submit(self.load, uri, image_id, True, next(self._order)))
                 break
             yield loaded
+
+    # batches -----------------------------------------------------------------------------
+
+    def _steps(self, shard: Shard) -> Iterator[LoadedImage | list[LoadedImage]]:
+        """The shard in order: each image that failed to load (its error row) and each batch of
+        loaded images, ready on the device. Runs in the preparing thread (``_ahead``)."""
+        batch: list[LoadedImage] = []
+        for loaded in self._loaded(shard):
+            if loaded.error is not None:
+                yield loaded
+                continue
+            batch.append(loaded)
+            if len(batch) == self.batch_size:
+                yield from self._on_device(batch)
+                batch = []
+        if batch:
+            yield from self._on_device(batch)
+
+    def _on_device(self, batch: list[LoadedImage]) -> Iterator[LoadedImage | list[LoadedImage]]:
+        """``batch`` with its JPEGs decoded and every image on the model's device; a file that
+        no decoder takes is yielded first, as its error row."""
+        stream = self._copy_stream
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            pending = [item for item in batch if item.data is not None]
+            for item, image in zip(pending, gpu_decode.decode_batch([item.data for item in pending], self.device,
+                                                                    self.options.max_pixels)):
+                item.data = None
+                if isinstance(image, ImageDecodeError):
+                    item.error = str(image)
+                else:
+                    item.image = image
+            for item in batch:
+                if item.image is not None:  # Pillow's, from pinned memory; a no-op for the device's own
+                    item.image = item.image.to(self.device, non_blocking=True)
+        if stream is not None:
+            stream.synchronize()  # this thread waits for its copies; the model's stream never does
+        ok = []
+        for item in batch:
+            if item.error is not None:
+                yield item
+            else:
+                ok.append(item)
+        if ok:
+            yield ok
 
     # inference -------------------------------------------------------------------------
 
     def _detect(self, batch: list[LoadedImage]) -> list[dict | str]:
         """Per image its detections, or an error message if the model failed on it."""
         try:
-            return self.model([item.image.to(self.device, non_blocking=True) for item in batch])
-        except Exception as error:  # noqa: BLE001 - a model failure on one image is its error row
+            return self.model([item.image.to(self.device, non_blocking=True) for item in batch])  # a no-op once prepared
+        except torch.OutOfMemoryError as error:
+            if len(batch) == 1:
+                return [_model_failure(error)]
+            # Halves, recursively: an out-of-memory batch usually fits at half the size, and the
+            # next batch of the shard is tried at full size again rather than one image at a time.
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            half = len(batch) // 2
+            return self._detect(batch[:half]) + self._detect(batch[half:])
+        except Exception as error:  # a model failure on one image is its error row
             if device_is_broken(error):
                 raise  # every image after it would fail too: the actor ends itself (segment.actors) and is replaced
             if len(batch) == 1:
-                return [f"model failed: {type(error).__name__}: {(str(error).splitlines() or [''])[0]}"]
-        # The batch failed (out of memory, one odd image): each image on its own, keeping the others.
+                return [_model_failure(error)]
+        # The batch failed on something other than memory (one odd image): each image on its own, keeping the others.
         return [result for item in batch for result in self._detect([item])]
 
     def process(self, shard: Shard, on_progress: Callable[[int], None] | None = None) -> dict[str, Any]:
         """Runs ``shard`` and commits its part files; returns the shard's summary."""
         start = time.perf_counter()
         images, instances = _Rows(IMAGES_SCHEMA), _Rows(INSTANCES_SCHEMA)
-        batch: list[LoadedImage] = []
         done = 0
-
-        def flush() -> None:
-            nonlocal done
-            for item, result in zip(batch, self._detect(batch)):
-                if isinstance(result, str):
-                    images.add_error(item, result)
-                else:
-                    self._add_detections(images, instances, item, result)
-            done += len(batch)
-            batch.clear()
-            if on_progress:
-                on_progress(done)
-
-        for loaded in self._loaded(shard):
-            if loaded.error is not None:
-                images.add_error(loaded, loaded.error)
-                done += 1
-                continue
-            batch.append(loaded)
-            if len(batch) == self.options.batch_size:
-                flush()
-        if batch:
-            flush()
+        with contextlib.closing(_ahead(self._steps(shard), depth=1)) as steps:
+            for step in steps:
+                if isinstance(step, LoadedImage):  # could not be read or decoded: its error row
+                    images.add_error(step, step.error)
+                    done += 1
+                    continue
+                if self._copy_stream is not None:  # made on the copy stream, used (and freed) on the model's
+                    current = torch.cuda.current_stream(self.device)
+                    for item in step:
+                        item.image.record_stream(current)
+                for item, result in zip(step, self._detect(step)):
+                    if isinstance(result, str):
+                        images.add_error(item, result)
+                    else:
+                        self._add_detections(images, instances, item, result)
+                done += len(step)
+                if on_progress:
+                    on_progress(done)
         summary = {
             "shard": shard.index,
             "images": images.count,
             "errors": images.errors,
             "instances": instances.count,
             "seconds": round(time.perf_counter() - start, 3),
+            "precision": self.model.precision_on(self.device),  # what ran, after --precision auto was resolved
         }
         metadata = {"maskray": json.dumps({**self.metadata, "shard": shard.index}, sort_keys=True)}
         try:
@@ -216,6 +347,97 @@ class ShardWorker:
 
     def close(self) -> None:
         self._readers.shutdown(wait=False, cancel_futures=True)
+
+
+def _lower_priority(niceness: int) -> None:
+    """Lowers the calling thread's scheduling priority by ``niceness`` (Linux: niceness is per thread)."""
+    if niceness > 0 and hasattr(os, "setpriority"):
+        try:
+            thread = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + niceness))
+        except OSError:
+            pass
+
+
+class _InOrder:
+    """A turn at a time, taken in the order of the waiters' numbers, the lowest first."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._waiting: list[float] = []
+        self._busy = False
+
+    @contextlib.contextmanager
+    def turn(self, number: float) -> Iterator[None]:
+        with self._changed:
+            heapq.heappush(self._waiting, number)
+            while self._busy or self._waiting[0] != number:
+                self._changed.wait()
+            heapq.heappop(self._waiting)
+            self._busy = True
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._busy = False
+                self._changed.notify_all()
+
+
+_DONE = object()
+
+
+def _ahead(steps: Iterator, depth: int) -> Iterator:
+    """The items of ``steps``, computed in a thread of their own up to ``depth`` ahead of the
+    consumer; an exception of ``steps`` is raised here, in order, and a consumer that stops
+    early (an exception of its own) stops the thread."""
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run() -> None:
+        try:
+            for item in steps:
+                if not put((True, item)):
+                    return
+        except BaseException as error:  # noqa: BLE001 - handed to the consumer, which raises it
+            put((False, error))
+            return
+        finally:
+            if stop.is_set():
+                steps.close()
+        put((True, _DONE))
+
+    thread = threading.Thread(target=run, name="maskray-prepare", daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, item = ready.get()
+            if not ok:
+                raise item
+            if item is _DONE:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=60)  # it stops at its next item; a read in flight may take its retries' time
+
+
+def _input_pixels(model) -> int:
+    """Pixels of the model's largest resized input (its longest min_size by max_size)."""
+    config = model.config
+    return max(config.min_size) * config.max_size
+
+
+def _model_failure(error: BaseException) -> str:
+    return f"model failed: {type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
 
 
 def device_is_broken(error: BaseException) -> bool:

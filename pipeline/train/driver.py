@@ -197,11 +197,10 @@ def train(settings: TrainSettings, address: str | None = None, log=print) -> dic
     elif settings.resume:
         say(f"maskray train: nothing to resume in {public_url(settings.output)}; starting afresh")
 
-    init_config, init_state_dict, torchvision_init = None, None, False
+    init_config, init_state_dict = None, None
     if settings.init:
         init_config, init_state_dict = initial_state(read_weights(settings.init, options, flag="--init"))
-        torchvision_init = init_config is None
-    config = model_config(settings, train_set.class_names, init_config, torchvision_init)
+    config = model_config(settings, train_set.class_names, init_config)
     if init_state_dict is not None:
         remade = load_initial_weights(MaskRCNN(config), init_state_dict)  # fails here, not on every worker
         say(f"maskray train: weights from {public_url(settings.init)}"

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from maskray.model import MaskRCNN, MaskRCNNConfig
-from maskray.model.checkpoint import checked_checkpoint, float32_state_dict, is_maskray_checkpoint
+from maskray.model.checkpoint import checked_checkpoint, float32_state_dict, is_maskray_checkpoint, torchvision_config
 from maskray.pipeline.errors import TrainingError
 from maskray.pipeline.train.settings import TrainSettings
 from maskray.pipeline.weights import Weights, load_state, torchvision_state_dict
@@ -19,32 +19,32 @@ CLASS_HEADS = ("roi_heads.box_predictor.cls_score.", "roi_heads.box_predictor.bb
                "roi_heads.mask_predictor.mask_fcn_logits.")
 
 
-def initial_state(init: Weights) -> tuple[MaskRCNNConfig | None, dict[str, torch.Tensor]]:
-    """(the architecture of ``init`` if it is one of ours, its float32 state dict)."""
+def initial_state(init: Weights) -> tuple[MaskRCNNConfig, dict[str, torch.Tensor]]:
+    """(the architecture of ``init``: ours as its checkpoint says, torchvision's as its keys show
+    (v1 or v2, with masks or not); its float32 state dict)."""
     state = load_state(init)
     if is_maskray_checkpoint(state):
         state = checked_checkpoint(state, init.label)
         return MaskRCNNConfig.from_dict(state["config"]), float32_state_dict(state)
-    return None, torchvision_state_dict(init, state)
+    state_dict = torchvision_state_dict(init, state)
+    return torchvision_config(state_dict), state_dict
 
 
-def model_config(settings: TrainSettings, class_names: tuple[str, ...], init_config: MaskRCNNConfig | None,
-                 init_is_torchvision: bool = False) -> MaskRCNNConfig:
+def model_config(settings: TrainSettings, class_names: tuple[str, ...], init_config: MaskRCNNConfig | None) -> MaskRCNNConfig:
     """The config of the model to train: the preset (or the architecture of ``--init``), the
     data set's classes, the norm, and the user's model options on top."""
     num_classes = len(class_names)
     if init_config is not None:
         base = init_config.replace(num_classes=num_classes, class_names=class_names)
-    elif init_is_torchvision:
-        base = MaskRCNNConfig.resnet50_fpn(num_classes, class_names)
     else:
         base = getattr(MaskRCNNConfig, settings.preset)(num_classes, class_names)
     norm = settings.norm
     if norm == "auto":
-        # Weights trained elsewhere bring statistics to freeze; a trunk from scratch has none.
-        norm = "frozen" if (init_config is not None or init_is_torchvision) else "batch"
+        # Weights trained elsewhere bring statistics to freeze (or to keep training, v2's BatchNorm);
+        # a trunk from scratch has none.
+        norm = base.backbone_norm if init_config is not None else "batch"
     options: dict[str, Any] = {"backbone_norm": norm}
-    if norm == "batch":
+    if norm == "batch" and base.backbone_norm != "batch":  # from scratch: every stage learns (v2's keep theirs)
         options["trainable_backbone_layers"] = 5
     options.update(settings.model_options)
     if "min_size" in options and isinstance(options["min_size"], int):

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from maskray.model import LOSS_NAMES, MaskRCNN, MaskRCNNConfig
+from maskray.model import LOSS_NAMES, MaskRCNN, MaskRCNNConfig, precision
 from maskray.model.checkpoint import float32_state_dict, safe_load
 from maskray.pipeline.errors import TrainingError
 from maskray.pipeline.storage import redact, secret_values
@@ -214,8 +214,10 @@ class WorkerTraining:
         self.ddp_model = ray.train.torch.prepare_model(model, move_to_device=False)
         self.steps_per_epoch = steps_per_epoch
         self.parameters, self.optimizer, self.scheduler = make_optimizer(model, settings, steps_per_epoch)
-        self.use_amp = device.type == "cuda" and settings.amp is not False  # amp None: on with GPUs
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.precision = precision.resolve_for_training("fp32" if settings.amp is False else settings.precision, device)
+        # float16's narrow range needs the loss scaled; bfloat16 has float32's.
+        self.use_amp = self.precision == "fp16"
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.use_amp)
         self.start_epoch, self.step, self.history = 0, 0, []
         self.divergence = DivergenceCheck()
         if state is not None:
@@ -237,7 +239,7 @@ class WorkerTraining:
         ``DIVERGED_FACTOR`` times its first step's stops the run."""
         images = [image.to(self.device, non_blocking=True) for image in images]
         targets = _move_targets(targets, self.device)
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
+        with precision.autocast(self.precision, self.device):
             losses = self.ddp_model(images, targets)
         loss = sum(losses.values())
         values = dict(zip(losses, torch.stack([v.detach().float() for v in losses.values()]).tolist()))  # one sync

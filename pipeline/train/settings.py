@@ -15,8 +15,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from maskray.pipeline.options import STORAGE_OPTIONS_HELP, GatherPairs, json_key_value, storage_options
+from maskray.pipeline.options import PRECISIONS, STORAGE_OPTIONS_HELP, GatherPairs, json_key_value, storage_options
 from maskray.pipeline.storage import absolute_url, public_url
+from maskray.pipeline.weights import NAMES_HELP, weights_location
 
 RUN_NAME = "checkpoints"  # Ray Train's run folder inside the output
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -85,9 +86,12 @@ class TrainSettings:
     clip_grad_norm: float | None = field(default=None, metadata=_option(
         "clip the gradient's total norm to this (default: no clipping)", OPTIMISATION))
     amp: bool | None = field(default=None, metadata=_option(  # None: on with GPUs
-        "no mixed precision on GPUs", OPTIMISATION, flag="--no-amp", action="store_false"))
+        "no mixed precision on GPUs (the same as --precision fp32)", OPTIMISATION, flag="--no-amp", action="store_false"))
+    precision: str = field(default="auto", metadata=_option(
+        "autocast of the forward pass: auto (default) is fp16 with loss scaling on GPUs, fp32 on CPUs; bf16 or "
+        "fp16 anywhere", OPTIMISATION, choices=PRECISIONS))
     init: str | None = field(default=None, metadata=_option(
-        "start from this checkpoint (ours, or a torchvision Mask R-CNN state dict); "
+        f"start from these weights: a name ({NAMES_HELP}), a checkpoint of ours, or a torchvision Mask R-CNN state dict; "
         "the class heads are re-made if the number of classes differs", MODEL, metavar="CKPT"))
     resume: bool = field(default=False, metadata=_option(
         "continue the run in --output from its latest checkpoint", MODEL))
@@ -118,7 +122,8 @@ class TrainSettings:
     def __post_init__(self) -> None:
         # Resolved where the user typed them (the driver): Ray Train's workers run in folders of their own.
         for name in PATHS:
-            setattr(self, name, absolute_url(getattr(self, name)))
+            value = getattr(self, name)
+            setattr(self, name, weights_location(value) if name == "init" and value else absolute_url(value))
         self.lr_steps = tuple(int(s) for s in self.lr_steps)
         problems = []
         if self.workers < 1:
@@ -139,6 +144,8 @@ class TrainSettings:
             problems.append("validation needs both --val-json and --val-images")
         if self.export_dtype not in EXPORT_DTYPES:
             problems.append(f"export dtype must be float32, float16 or bfloat16 (got {self.export_dtype!r})")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision must be one of {', '.join(PRECISIONS)} (got {self.precision!r})")
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
             problems.append(f"clip-grad-norm must be positive (got {self.clip_grad_norm})")
         if problems:
