@@ -333,13 +333,15 @@ class _SlowModel:
         return result
 
 
-def test_next_batch_is_prepared_while_the_model_runs(weights, tmp_path):
-    folder = tmp_path / "in"
+def _jpeg_files(folder, count: int) -> list[str]:
     folder.mkdir()
-    uris = []
-    for i in range(8):
+    for i in range(count):
         (folder / f"{i}.jpg").write_bytes(_jpeg(_pixels(seed=i)))
-        uris.append(str(folder / f"{i}.jpg"))
+    return [str(folder / f"{i}.jpg") for i in range(count)]
+
+
+def test_next_batch_is_prepared_while_the_model_runs(weights, tmp_path):
+    uris = _jpeg_files(tmp_path / "in", 8)
     worker = worker_module.ShardWorker(weights, str(tmp_path / "out"), device="cpu",
                                        options=worker_module.WorkerOptions(batch_size=2, jpeg_decoder="device"))
     events = []
@@ -368,15 +370,80 @@ def test_next_batch_is_prepared_while_the_model_runs(weights, tmp_path):
     assert [row["image_uri"] for row in rows] == uris and all(row["status"] == "ok" for row in rows)
 
 
+def test_two_shards_at_once_read_ahead_and_take_turns_at_the_model(weights, tmp_path):
+    """The actor calls process for two shards at once: the later one's reads start while the
+    earlier is in the model, the model runs one shard's batches after the other's on one thread,
+    and a shard that fails before its turn passes the turn on."""
+    uris = _jpeg_files(tmp_path / "in", 8)
+    worker = worker_module.ShardWorker(weights, str(tmp_path / "out"), device="cpu",
+                                       options=worker_module.WorkerOptions(batch_size=2))
+    events = []
+    slow = _SlowModel(worker.model, events, 0.2)
+
+    def model_call(images):
+        events.append(("thread", threading.current_thread().name))
+        return slow(images)
+
+    worker.model = type("Recorded", (), {"__call__": lambda self, images: model_call(images),
+                                         "__getattr__": lambda self, name: getattr(slow, name)})()
+    read = worker.load
+
+    def recorded_load(uri, image_id, *args):
+        events.append(("read", image_id))
+        return read(uri, image_id, *args)
+
+    worker.load = recorded_load
+    first, second = Shard(0, 0, tuple(uris[:4])), Shard(1, 4, tuple(uris[4:]))
+    unreadable = Shard(2, 8, ("nosuchprotocol://bucket/x.jpg",))
+    summaries = {}
+
+    def run(shard):
+        summaries[shard.index] = worker.process(shard)
+
+    try:
+        a = threading.Thread(target=run, args=(first,))
+        a.start()
+        while ("model", 2) not in events:  # the first shard is in the model
+            time.sleep(0.01)
+        b = threading.Thread(target=run, args=(second,))
+        b.start()
+        a.join(30)
+        b.join(30)
+    finally:
+        worker.close()
+    assert summaries[0]["images"] == summaries[1]["images"] == 4
+    assert {name for kind, name in events if kind == "thread"} == {"maskray-infer_0"}
+    kinds = [kind for kind, _ in events]
+    model_done = [i for i, kind in enumerate(kinds) if kind == "model done"]
+    assert len(model_done) == 4
+    # The second shard's first read came before the first shard's last model call ended...
+    assert events.index(("read", 4)) < model_done[1], events
+    # ...and its first model call after it: the first shard's batches ran, then the second's.
+    model_calls = [i for i, kind in enumerate(kinds) if kind == "model"]
+    assert model_calls[2] > model_done[1]
+    rows = [row for path in (tmp_path / "out").rglob("images/*.parquet") for row in pq.read_table(path).to_pylist()]
+    assert sorted(row["image_uri"] for row in rows) == sorted(uris)
+
+    # A shard that fails (its storage cannot be read) hands its turn on to the next.
+    worker = worker_module.ShardWorker(weights, str(tmp_path / "out2"), device="cpu",
+                                       options=worker_module.WorkerOptions(batch_size=2))
+    try:
+        with pytest.raises(worker_module.ShardReadError):
+            worker.process(unreadable)
+        assert worker.process(second)["images"] == 4
+    finally:
+        worker.close()
+
+
 def test_ahead_keeps_order_raises_in_place_and_stops_early():
-    assert list(worker_module._ahead(iter(range(50)), depth=1)) == list(range(50))
+    assert list(worker_module._Ahead(iter(range(50)), depth=1)) == list(range(50))
 
     def failing():
         yield 1
         yield 2
         raise worker_module.ShardReadError("storage kept failing")
 
-    steps = worker_module._ahead(failing(), depth=1)
+    steps = iter(worker_module._Ahead(failing(), depth=1))
     assert (next(steps), next(steps)) == (1, 2)
     with pytest.raises(worker_module.ShardReadError, match="storage kept failing"):
         next(steps)
@@ -391,10 +458,21 @@ def test_ahead_keeps_order_raises_in_place_and_stops_early():
         finally:
             closed.set()
 
-    steps = worker_module._ahead(endless(), depth=1)
-    assert next(steps) == 0
-    steps.close()  # the consumer stopped (its model call raised): the thread stops too
+    ahead = worker_module._Ahead(endless(), depth=1)
+    assert next(iter(ahead)) == 0
+    ahead.close()  # the consumer stopped (its model call raised): the thread stops too
     assert closed.wait(5) and len(produced) <= 4
+
+    # It starts working when made, before anyone asks (a shard's reads begin while the shard
+    # before it is in the model), and one closed without ever being read stops too.
+    produced, closed = [], threading.Event()
+    ahead = worker_module._Ahead(endless(), depth=1)
+    deadline = time.monotonic() + 5
+    while len(produced) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(produced) >= 2
+    ahead.close()
+    assert closed.wait(5)
 
 
 # on a GPU (skipped without one; make gpu-check runs them) ------------------------------------

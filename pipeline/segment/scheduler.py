@@ -20,9 +20,12 @@ from maskray.pipeline.segment.shardbook import FailedOnItsOwn, Finished, Lost, O
 
 log = logging.getLogger("maskray.segment")
 
-# One running, one queued in the actor, so that it never waits for the driver between shards.
-# The actor runs them one at a time: a threaded actor (max_concurrency=2) measured 15% slower,
-# its inference hopping between executor threads (bench/pipeline.py, BENCHMARKS.md).
+# Two at once in each actor (max_concurrency): while one shard is in the model, the next one's
+# reads start and its first batch is made ready, and then the first one's commit is written while
+# the next one is in the model, so that the model never waits for the driver, for storage's first
+# answers or for a commit between shards. The worker runs the model calls of both on one thread
+# of its own, a shard after the other (segment.worker): an actor whose two executor threads each
+# called the model measured 15% slower (bench/pipeline.py, BENCHMARKS.md).
 SHARDS_IN_FLIGHT_PER_ACTOR = 2
 # How long the driver waits for the outcome of something in flight before it looks at the
 # progress and the start timeout again.
@@ -62,7 +65,7 @@ class ShardDispatcher:
         self.board = make_board_class().options(scheduling_strategy=NodeAffinitySchedulingStrategy(
             ray.get_runtime_context().get_node_id(), soft=False)).remote()
         self.actor_class = make_actor_class()
-        self.actor_options = dict(self.resources, max_concurrency=1, max_restarts=0)
+        self.actor_options = dict(self.resources, max_concurrency=SHARDS_IN_FLIGHT_PER_ACTOR, max_restarts=0)
         threads = int(self.resources.get("num_cpus", 1)) if "num_gpus" not in self.resources else None
         metadata = {"job_id": manifest.job_id, "weights": json.dumps(manifest.weights),
                     "versions": json.dumps(manifest.versions), "config": json.dumps(manifest.config)}
@@ -151,7 +154,7 @@ class ShardDispatcher:
     def _shard_returned(self, slot: _Slot, ref) -> None:
         import ray
 
-        in_order = list(slot.shards.items())  # submission order, which is the order they run in
+        in_order = list(slot.shards.items())  # submission order, which is the order they take the model in
         shard: Shard = slot.shards.pop(ref)
         try:
             summary = ray.get(ref)

@@ -137,9 +137,11 @@ class ShardBook:
 
     def actor_died(self, shards: list[tuple[int, Outcome]], reason: str) -> ActorDeath:
         """An actor (or its node) died with ``shards`` in flight, given in submission order, which
-        is the order they ran in: those before the one it was running had finished, that one is
-        charged an attempt, and those queued behind it never ran, so they go back, uncharged, to
-        the front of the queue. One that failed on its own is charged its own reason."""
+        is the order they take the model in: those before the first unfinished one had finished,
+        that one is charged an attempt, and those behind it had at most read ahead, so they go
+        back, uncharged, to the front of the queue. (If one of those was the cause, say an image
+        that crashes its reader, it is first in its next actor and charged there.) One that
+        failed on its own is charged its own reason."""
         self._check_in_flight([index for index, _ in shards])  # before any is counted
         finished, restarted, never_ran = [], [], []
         charged = False

@@ -1,7 +1,12 @@
 """One shard from storage to Parquet: read, decode, batch, Mask R-CNN, rows, commit.
 
 ``ShardWorker`` is plain Python (the benchmark and tests use it without Ray); the Ray actor in
-``maskray.pipeline.segment.actors`` holds one. Two stages run ahead of the model call:
+``maskray.pipeline.segment.actors`` holds one and calls ``process`` for two shards at once, so
+that one shard's reads start, and its first batch is made ready, while the shard before it is
+still in the model, and its commit is written while the next one is. The model itself runs on
+one thread of the worker's (``maskray-infer``), a shard's batches at a time, in the order the
+shards came: whichever thread calls ``process``, inference never hops between threads (each
+would bring OpenMP threads of its own to the same cores). Two stages run ahead of the model call:
 
 - a thread pool reads the next images (``read_threads`` in flight: object stores answer in
   tens of ms) and decodes what is decoded on the CPU, at most ``prefetch`` images ahead of the
@@ -24,7 +29,6 @@ that a retry or a rerun processes it: an error row is final, and must not record
 
 import contextlib
 import heapq
-import itertools
 import json
 import math
 import os
@@ -148,11 +152,14 @@ class ShardWorker:
         # kernel's scheduler, and an OpenMP region waits for its slowest thread. One keeps ahead of
         # the model easily (a few ms an image against tens for the model).
         self._decode_turns = _InOrder() if self.device.type == "cpu" else None
-        self._order = itertools.count()
         self._readers = ThreadPoolExecutor(options.read_threads, thread_name_prefix="maskray-read",
                                            initializer=_lower_priority, initargs=(niceness,))
+        # One thread runs every model call, with the torch threads its creator was given.
+        self._inference = ThreadPoolExecutor(1, thread_name_prefix="maskray-infer",
+                                             initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),))
+        self._shard_turns = _Turnstile()  # whose batches the model runs: the shards' in the order they came
         if self.device.type == "cuda":
-            self._warm_up()
+            self._inference.submit(self._warm_up).result()  # on the thread that keeps its cuBLAS handles
 
     def _warm_up(self) -> None:
         """One model call on a blank image of the model's input size, so that CUDA loads its kernels
@@ -166,7 +173,7 @@ class ShardWorker:
         # Storage options are the input's; fsspec caches the filesystem instances.
         return open_object_url(uri, self.storage_options if "://" in uri and not uri.startswith("file://") else None)
 
-    def load(self, uri: str, image_id: int, defer_jpeg: bool = False, order: float = math.inf) -> LoadedImage:
+    def load(self, uri: str, image_id: int, defer_jpeg: bool = False, order: tuple = (math.inf,)) -> LoadedImage:
         """Reads and decodes one image. What is wrong with the image itself (gone since the
         listing, not an image, too large) becomes its error message; a storage failure that may
         pass (throttling, a 5xx, a dropped connection) is retried (maskray.pipeline.storage) and then
@@ -202,28 +209,29 @@ class ShardWorker:
         except ImageDecodeError as error:
             return error
 
-    def _loaded(self, shard: Shard) -> Iterator[LoadedImage]:
-        """The shard's images in order, read and decoded up to ``prefetch`` ahead."""
+    def _loaded(self, shard: Shard, ticket: int) -> Iterator[LoadedImage]:
+        """The shard's images in order, read and decoded up to ``prefetch`` ahead; the CPU decodes
+        an earlier shard's images (a lower ``ticket``) before a later one's."""
         pending: deque[Future] = deque()
-        todo = iter(zip(shard.uris, shard.image_ids))
-        for uri, image_id in todo:
-            pending.append(self._readers.submit(self.load, uri, image_id, True, next(self._order)))
+        todo = iter(enumerate(zip(shard.uris, shard.image_ids)))
+        for position, (uri, image_id) in todo:
+            pending.append(self._readers.submit(self.load, uri, image_id, True, (ticket, position)))
             if len(pending) >= self.options.prefetch:
                 break
         while pending:
             loaded = pending.popleft().result()
-            for uri, image_id in todo:  # top the window up by one
-                pending.append(self._readers.submit(self.load, uri, image_id, True, next(self._order)))
+            for position, (uri, image_id) in todo:  # top the window up by one
+                pending.append(self._readers.submit(self.load, uri, image_id, True, (ticket, position)))
                 break
             yield loaded
 
     # batches -----------------------------------------------------------------------------
 
-    def _steps(self, shard: Shard) -> Iterator[LoadedImage | list[LoadedImage]]:
+    def _steps(self, shard: Shard, ticket: int) -> Iterator[LoadedImage | list[LoadedImage]]:
         """The shard in order: each image that failed to load (its error row) and each batch of
-        loaded images, ready on the device. Runs in the preparing thread (``_ahead``)."""
+        loaded images, ready on the device. Runs in the preparing thread (``_Ahead``)."""
         batch: list[LoadedImage] = []
-        for loaded in self._loaded(shard):
+        for loaded in self._loaded(shard, ticket):
             if loaded.error is not None:
                 yield loaded
                 continue
@@ -285,28 +293,34 @@ class ShardWorker:
         return [result for item in batch for result in self._detect([item])]
 
     def process(self, shard: Shard, on_progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-        """Runs ``shard`` and commits its part files; returns the shard's summary."""
-        start = time.perf_counter()
+        """Runs ``shard`` and commits its part files; returns the shard's summary. Safe to call
+        from two threads at once: the later shard reads ahead while the earlier is in the model."""
+        ticket = self._shard_turns.draw()
         images, instances = _Rows(IMAGES_SCHEMA), _Rows(INSTANCES_SCHEMA)
         done = 0
-        with contextlib.closing(_ahead(self._steps(shard), depth=1)) as steps:
-            for step in steps:
-                if isinstance(step, LoadedImage):  # could not be read or decoded: its error row
-                    images.add_error(step, step.error)
-                    done += 1
-                    continue
-                if self._copy_stream is not None:  # made on the copy stream, used (and freed) on the model's
-                    current = torch.cuda.current_stream(self.device)
-                    for item in step:
-                        item.image.record_stream(current)
-                for item, result in zip(step, self._detect(step)):
-                    if isinstance(result, str):
-                        images.add_error(item, result)
-                    else:
-                        self._add_detections(images, instances, item, result)
-                done += len(step)
-                if on_progress:
-                    on_progress(done)
+        try:
+            with contextlib.closing(_Ahead(self._steps(shard, ticket), depth=1)) as steps, \
+                    self._shard_turns.turn(ticket):
+                start = time.perf_counter()  # the shard's own time, from its turn at the model
+                for step in steps:
+                    if isinstance(step, LoadedImage):  # could not be read or decoded: its error row
+                        images.add_error(step, step.error)
+                        done += 1
+                        continue
+                    if self._copy_stream is not None:  # made on the copy stream, used (and freed) on the model's
+                        current = torch.cuda.current_stream(self.device)
+                        for item in step:
+                            item.image.record_stream(current)
+                    for item, result in zip(step, self._inference.submit(self._detect, step).result()):
+                        if isinstance(result, str):
+                            images.add_error(item, result)
+                        else:
+                            self._add_detections(images, instances, item, result)
+                    done += len(step)
+                    if on_progress:
+                        on_progress(done)
+        finally:
+            self._shard_turns.give_back(ticket)  # the next shard's turn, however this one ended
         summary = {
             "shard": shard.index,
             "images": images.count,
@@ -347,6 +361,7 @@ class ShardWorker:
 
     def close(self) -> None:
         self._readers.shutdown(wait=False, cancel_futures=True)
+        self._inference.shutdown(wait=False, cancel_futures=True)
 
 
 def _lower_priority(niceness: int) -> None:
@@ -383,51 +398,86 @@ class _InOrder:
                 self._changed.notify_all()
 
 
+class _Turnstile:
+    """Turns served in the order the tickets were drawn. A ticket given back, whether its turn
+    came or not (its holder failed before it), passes the turn on."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._drawn = 0
+        self._serving = 0
+        self._given_back: set[int] = set()
+
+    def draw(self) -> int:
+        with self._changed:
+            self._drawn += 1
+            return self._drawn - 1
+
+    @contextlib.contextmanager
+    def turn(self, ticket: int) -> Iterator[None]:
+        with self._changed:
+            while self._serving != ticket:
+                self._changed.wait()
+        yield
+
+    def give_back(self, ticket: int) -> None:
+        with self._changed:
+            self._given_back.add(ticket)
+            while self._serving in self._given_back:
+                self._given_back.remove(self._serving)
+                self._serving += 1
+            self._changed.notify_all()
+
+
 _DONE = object()
 
 
-def _ahead(steps: Iterator, depth: int) -> Iterator:
-    """The items of ``steps``, computed in a thread of their own up to ``depth`` ahead of the
-    consumer; an exception of ``steps`` is raised here, in order, and a consumer that stops
-    early (an exception of its own) stops the thread."""
-    ready: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
+class _Ahead:
+    """The items of ``steps``, computed in a thread of their own, which starts at once, up to
+    ``depth`` ahead of the consumer; an exception of ``steps`` is raised here, in order. ``close``
+    (a consumer that stops early, or never started) stops the thread."""
 
-    def put(item: object) -> bool:
-        while not stop.is_set():
+    def __init__(self, steps: Iterator, depth: int):
+        self._steps = steps
+        self._ready: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="maskray-prepare", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: object) -> bool:
+        while not self._stop.is_set():
             try:
-                ready.put(item, timeout=0.1)
+                self._ready.put(item, timeout=0.1)
                 return True
             except queue.Full:
                 continue
         return False
 
-    def run() -> None:
+    def _run(self) -> None:
         try:
-            for item in steps:
-                if not put((True, item)):
+            for item in self._steps:
+                if not self._put((True, item)):
                     return
         except BaseException as error:  # noqa: BLE001 - handed to the consumer, which raises it
-            put((False, error))
+            self._put((False, error))
             return
         finally:
-            if stop.is_set():
-                steps.close()
-        put((True, _DONE))
+            if self._stop.is_set():
+                self._steps.close()
+        self._put((True, _DONE))
 
-    thread = threading.Thread(target=run, name="maskray-prepare", daemon=True)
-    thread.start()
-    try:
+    def __iter__(self) -> Iterator:
         while True:
-            ok, item = ready.get()
+            ok, item = self._ready.get()
             if not ok:
                 raise item
             if item is _DONE:
                 return
             yield item
-    finally:
-        stop.set()
-        thread.join(timeout=60)  # it stops at its next item; a read in flight may take its retries' time
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)  # it stops at its next item; a read in flight may take its retries' time
 
 
 def _input_pixels(model) -> int:
