@@ -317,7 +317,7 @@ def test_device_decoding_is_the_default_on_a_gpu_libjpeg_on_a_cpu(weights, tmp_p
 
 
 class _SlowModel:
-    """Wraps the model; each call takes ``seconds`` more and records when it ran."""
+    """Wraps the model; each call takes ``seconds`` more and records when, and on which thread, it ran."""
 
     def __init__(self, model, events, seconds):
         self.model, self.events, self.seconds = model, events, seconds
@@ -326,6 +326,7 @@ class _SlowModel:
         return getattr(self.model, name)
 
     def __call__(self, images):
+        self.events.append(("thread", threading.current_thread().name))
         self.events.append(("model", len(images)))
         time.sleep(self.seconds)
         result = self.model(images)
@@ -373,19 +374,12 @@ def test_next_batch_is_prepared_while_the_model_runs(weights, tmp_path):
 def test_two_shards_at_once_read_ahead_and_take_turns_at_the_model(weights, tmp_path):
     """The actor calls process for two shards at once: the later one's reads start while the
     earlier is in the model, the model runs one shard's batches after the other's on one thread,
-    and a shard that fails before its turn passes the turn on."""
+    and a shard that fails passes the turn on."""
     uris = _jpeg_files(tmp_path / "in", 8)
     worker = worker_module.ShardWorker(weights, str(tmp_path / "out"), device="cpu",
                                        options=worker_module.WorkerOptions(batch_size=2))
     events = []
-    slow = _SlowModel(worker.model, events, 0.2)
-
-    def model_call(images):
-        events.append(("thread", threading.current_thread().name))
-        return slow(images)
-
-    worker.model = type("Recorded", (), {"__call__": lambda self, images: model_call(images),
-                                         "__getattr__": lambda self, name: getattr(slow, name)})()
+    worker.model = _SlowModel(worker.model, events, 0.2)
     read = worker.load
 
     def recorded_load(uri, image_id, *args):
