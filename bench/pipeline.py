@@ -116,16 +116,21 @@ def rss_bytes(pid: int | str) -> int:
         return 0
 
 
-def actor_pids() -> list[str]:
+def pids_whose_command(matches) -> list[int]:
+    """The processes whose command line (bytes, from /proc) ``matches`` accepts."""
     pids = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"SegmentActor" in f.read():
-                    pids.append(pid)
+                if matches(f.read()):
+                    pids.append(int(pid))
         except OSError:
             continue
     return pids
+
+
+def actor_pids() -> list[int]:
+    return pids_whose_command(lambda command: b"SegmentActor" in command)
 
 
 class PeakSampler:

@@ -21,24 +21,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import pipeline as bench  # bench/pipeline.py: the images, the loop, the run
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import pipeline as pipeline_bench  # its images, bare loop and run
 
 DAEMONS = (b"raylet", b"gcs_server", b"log_monitor", b"dashboard/agent", b"runtime_env/agent", b"monitor.py")
 
 
 def daemon_pids() -> list[int]:
     """Ray's own processes on this machine (not its workers)."""
-    pids = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                command = f.read()
-        except OSError:
-            continue
-        if any(name in command for name in DAEMONS) and b"default_worker" not in command:
-            pids.append(int(pid))
-    return pids
+    return pipeline_bench.pids_whose_command(lambda command: any(name in command for name in DAEMONS)
+                                             and b"default_worker" not in command)
 
 
 def set_niceness(pids: list[int], niceness: int) -> None:
@@ -68,18 +60,18 @@ def main() -> None:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     work = Path(tempfile.mkdtemp(prefix="maskray-bench-niceness-"))
     try:
-        weights = bench.default_weights(work)
-        bench.write_images(work / "images", args.images, 320, 480)
+        weights = pipeline_bench.default_weights(work)
+        pipeline_bench.write_images(work / "images", args.images, 320, 480)
         ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2,
                  logging_level="WARNING", log_to_driver=False)
-        loops = [bench.loop_in_child(weights, work / "images", 2, 2)]
+        loops = [pipeline_bench.loop_in_child(weights, work / "images", 2, 2)]
         ratios: dict[str, list[float]] = {"A": [], "B": []}
         for n in range(2 * args.pairs):
             arm = "ABBA"[n % 4]
-            set_niceness(daemon_pids() + [os.getpid()], bench.RAY_WORKER_NICENESS if arm == "B" else 0)
-            summary, _ = bench.pipeline_run(weights, work / "images", work / f"out-{n}", 2, 2, 16, sample_memory=False)
+            set_niceness(daemon_pids() + [os.getpid()], pipeline_bench.RAY_WORKER_NICENESS if arm == "B" else 0)
+            summary, _ = pipeline_bench.pipeline_run(weights, work / "images", work / f"out-{n}", 2, 2, 16, sample_memory=False)
             set_niceness(daemon_pids() + [os.getpid()], 0)  # the loop child takes its niceness from here
-            loops.append(bench.loop_in_child(weights, work / "images", 2, 2))
+            loops.append(pipeline_bench.loop_in_child(weights, work / "images", 2, 2))
             steady = summary.images_run / summary.processing_seconds
             ratios[arm].append(steady / ((loops[-2] + loops[-1]) / 2))
             print(f"run {n + 1} ({arm}): steady {steady:.2f} images/s, loops {loops[-2]:.2f} {loops[-1]:.2f}, "
