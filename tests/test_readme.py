@@ -14,7 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from pycocotools import mask as mask_utils
 
+from maskray.model.precision import cpu_has_native_bfloat16
 from maskray.pipeline.results.query import connect
 from maskray.pipeline.train.shapes import make_image
 
@@ -107,6 +109,13 @@ def test_the_bucket_block_as_written(fresh_folder, s3_server, seeded_torch_home)
     assert "3 images (0 errors)" in said
     manifest = json.loads(fs.cat_file("bucket/out/_manifest.json"))
     assert manifest["weights"]["name"] == "coco-v2" and manifest["config"]["box_head_convs"] == 4
+    # "auto" asked, and what ran recorded: bf16 only on a CPU with native bfloat16.
+    assert manifest["config"]["precision"] == "auto"
+    assert manifest["precision"] == ["bf16" if cpu_has_native_bfloat16() else "fp32"]
+    # The v2 mask head's masks: RLE that pycocotools decodes to the instance's area.
+    counts, height, width, area = connect("s3://bucket/out", options).sql(
+        "SELECT mask_counts, mask_height, mask_width, area FROM instances ORDER BY score DESC LIMIT 1").fetchall()[0]
+    assert int(mask_utils.decode({"size": [height, width], "counts": counts.encode()}).sum()) == area > 0
     assert (fresh_folder / "cat.png").is_file()
     assert "label_name" in said  # the query's table
     assert options["secret"] not in said
