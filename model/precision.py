@@ -30,6 +30,12 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _FROM_DTYPE_NAME = {"bfloat16": "bf16", "float16": "fp16", None: "fp32"}
 
 
+def _check(precision: str) -> None:
+    # The wording of maskray.pipeline.options.check_precision, which the commands use without torch.
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+
+
 @functools.cache
 def cpu_has_native_bfloat16() -> bool:
     """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX), as oneDNN uses it."""
@@ -38,8 +44,8 @@ def cpu_has_native_bfloat16() -> bool:
 
 def resolve(precision: str | None, device: torch.device | str, cuda_autocast: str | None = "float16") -> str:
     """The precision that runs (``fp32``, ``bf16`` or ``fp16``) for ``precision`` on ``device``."""
-    if precision is not None and precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision is not None:
+        _check(precision)
     device_type = torch.device(device).type
     if precision in ("fp32", "bf16", "fp16"):
         return precision
@@ -53,8 +59,7 @@ def resolve(precision: str | None, device: torch.device | str, cuda_autocast: st
 def resolve_for_training(precision: str, device: torch.device | str) -> str:
     """The autocast precision of training's forward pass: ``auto`` is float16 (with loss scaling) on
     a GPU, as before the switch, and float32 on a CPU (the bfloat16 measurements are of inference)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    _check(precision)
     if precision == "auto":
         return "fp16" if torch.device(device).type == "cuda" else "fp32"
     return precision

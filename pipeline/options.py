@@ -26,6 +26,15 @@ STORAGE_OPTIONS_HELP = (
 
 # --precision of segment, evaluate and train: maskray.model.precision.PRECISIONS, here without torch.
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def check_precision(precision: str) -> str:
+    """``precision`` when it is one of PRECISIONS; else ValueError, in the one wording every command gives."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
 PRECISION_HELP = ("what the model computes in: auto (default) is bf16 on CPUs that have it natively (AVX512-BF16, "
                   "AMX), fp16 on GPUs, fp32 elsewhere")
 

@@ -1,6 +1,7 @@
 """The precision switch (maskray.model.precision): what ``auto`` picks where, and that bfloat16
 inference keeps in float32 what decides a result and finds what float32 finds."""
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ from pycocotools import mask as mask_utils
 
 from maskray.model import MaskRCNN, precision
 from maskray.pipeline.decode import decode_image
-from maskray.pipeline.options import PRECISIONS
+from maskray.pipeline.options import PRECISIONS, check_precision
 from maskray.pipeline.train.shapes import make_image
 
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "model" / "weights" / "shapes_light.pt"
@@ -26,6 +27,20 @@ def cpu_flags() -> set[str]:
 
 def test_the_command_lines_choices_are_the_models():
     assert PRECISIONS == precision.PRECISIONS
+
+
+def test_every_command_and_the_model_refuse_a_precision_in_one_wording():
+    from maskray.pipeline.segment.settings import SegmentJob
+    from maskray.pipeline.train.settings import TrainSettings
+
+    wording = "precision must be one of auto, fp32, bf16, fp16, got 'int8'"
+    for refuse in (lambda: check_precision("int8"), lambda: precision.resolve("int8", "cpu"),
+                   lambda: precision.resolve_for_training("int8", "cpu"),
+                   lambda: SegmentJob("in", "out", precision="int8").validate(),
+                   lambda: TrainSettings(train_json="x", train_images="y", output="z", precision="int8")):
+        with pytest.raises(ValueError, match=re.escape(wording)):
+            refuse()
+    assert check_precision("bf16") == "bf16"
 
 
 def test_auto_on_a_cpu_is_bf16_exactly_where_the_cpu_has_it_natively():

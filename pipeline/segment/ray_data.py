@@ -39,7 +39,7 @@ import numpy as np
 import pyarrow as pa
 
 from maskray.pipeline.limits import DEFAULT_MAX_PIXELS
-from maskray.pipeline.options import PRECISIONS
+from maskray.pipeline.options import check_precision
 from maskray.pipeline.segment.output import INSTANCES_SCHEMA
 
 ERROR = "error"
@@ -67,9 +67,7 @@ class Segmenter:
             raise ValueError(f"score_threshold must be in [0, 1], got {score_threshold}")
         if not isinstance(weights, Weights):
             weights = read_weights(str(weights), storage_options)
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-        overrides = {"precision": precision}  # as the job's --precision
+        overrides = {"precision": check_precision(precision)}  # as the job's --precision
         if score_threshold is not None:
             overrides["box_score_thresh"] = float(score_threshold)
         # The job's worker, for its reading, decoding, model call and rows; it never commits here,

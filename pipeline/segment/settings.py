@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from maskray.pipeline.limits import DEFAULT_MAX_PIXELS
-from maskray.pipeline.options import PRECISION_HELP, PRECISIONS, STORAGE_OPTIONS_HELP, storage_options
+from maskray.pipeline.options import PRECISION_HELP, PRECISIONS, STORAGE_OPTIONS_HELP, check_precision, storage_options
 from maskray.pipeline.storage import absolute_url
 from maskray.pipeline.weights import DEFAULT_WEIGHTS, NAMES_HELP, weights_location
 
@@ -70,8 +70,7 @@ class SegmentJob:
                 raise ValueError(f"{name} must be at least 1, got {value}")
         if self.score_threshold is not None and not 0.0 <= self.score_threshold <= 1.0:
             raise ValueError(f"score_threshold must be in [0, 1], got {self.score_threshold}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        check_precision(self.precision)
         if not self.actor_start_timeout > 0:
             raise ValueError(f"actor_start_timeout must be positive, got {self.actor_start_timeout}")
 

@@ -15,7 +15,14 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from maskray.pipeline.options import PRECISIONS, STORAGE_OPTIONS_HELP, GatherPairs, json_key_value, storage_options
+from maskray.pipeline.options import (
+    PRECISIONS,
+    STORAGE_OPTIONS_HELP,
+    GatherPairs,
+    check_precision,
+    json_key_value,
+    storage_options,
+)
 from maskray.pipeline.storage import absolute_url, public_url
 from maskray.pipeline.weights import NAMES_HELP, weights_location
 
@@ -144,8 +151,10 @@ class TrainSettings:
             problems.append("validation needs both --val-json and --val-images")
         if self.export_dtype not in EXPORT_DTYPES:
             problems.append(f"export dtype must be float32, float16 or bfloat16 (got {self.export_dtype!r})")
-        if self.precision not in PRECISIONS:
-            problems.append(f"precision must be one of {', '.join(PRECISIONS)} (got {self.precision!r})")
+        try:
+            check_precision(self.precision)
+        except ValueError as error:
+            problems.append(str(error))
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
             problems.append(f"clip-grad-norm must be positive (got {self.clip_grad_norm})")
         if problems:
