@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -162,14 +163,17 @@ def test_two_workers_learn_and_a_run_killed_mid_epoch_resumes(tiny_shapes, tmp_p
     torn.write_bytes(whole[: len(whole) // 2])
     assert recorded_checkpoint(str(output)) == recorded[-1]
 
-    # A recorded checkpoint that is damaged all the same (in a copy of the run) stops the resume
-    # with an error naming it, rather than a silent start from scratch.
+    # A recorded checkpoint that is cut short all the same (in a copy of the run) stops the resume
+    # with an error naming it, rather than a silent start from scratch, and before any worker.
     broken = tmp_path / "broken"
     shutil.copytree(output, broken)
     (broken / RUN_NAME / recorded[-1] / CHECKPOINT_FILE).write_bytes(whole[: len(whole) // 3])
-    with pytest.raises(TrainingError, match=f"cannot resume from the checkpoint .*{recorded[-1]}/{CHECKPOINT_FILE}"):
+    said = []
+    with pytest.raises(TrainingError, match=f"cannot resume from the checkpoint .*{recorded[-1]}/{CHECKPOINT_FILE}: "
+                                            "the file is cut short"):
         train(settings_of(tiny_args(tiny_shapes, str(broken), "--epochs", str(epochs), "--resume", "--workers", "1")),
-              log=lambda _: None)
+              log=said.append)
+    assert said and not any("worker(s) x" in line for line in said), said  # the line said as the workers start
 
     # 2. Started again without --resume, the job refuses to touch the run.
     with pytest.raises(TrainingError, match="already holds a training run"):
@@ -214,6 +218,25 @@ def test_two_workers_learn_and_a_run_killed_mid_epoch_resumes(tiny_shapes, tmp_p
     assert trained_ap["bbox_AP"] > untrained_ap["bbox_AP"] + 0.05, (trained_ap["bbox_AP"], untrained_ap["bbox_AP"])
     assert trained_ap["segm_AP"] > untrained_ap["segm_AP"] + 0.05, (trained_ap["segm_AP"], untrained_ap["segm_AP"])
     assert float(rows[-1]["segm_AP"]) == pytest.approx(trained_ap["segm_AP"], abs=1e-6)
+
+
+def test_a_checkpoint_damaged_past_the_drivers_check_stops_the_worker_with_its_name(tmp_path):
+    """A whole zip that is no training checkpoint passes the driver's quick look at the file's end;
+    the worker, which loads it, names it (here on Ray Train's own Checkpoint, without a trainer)."""
+    import ray.train
+
+    from maskray.pipeline.train.loop import read_resume_state
+
+    folder = tmp_path / "epoch-0003"
+    folder.mkdir()
+    with zipfile.ZipFile(folder / CHECKPOINT_FILE, "w") as archive:
+        archive.writestr("notes.txt", "not a torch.save file")
+    with pytest.raises(TrainingError, match=f"cannot resume from the checkpoint .*epoch-0003/{CHECKPOINT_FILE}: .*not a "
+                                            "loadable weights file"):
+        read_resume_state(ray.train.Checkpoint.from_directory(str(folder)))
+    torch.save({"model": {}, "epoch": 3}, folder / CHECKPOINT_FILE)
+    with pytest.raises(TrainingError, match=r"it lacks \['config', 'optimizer', 'scheduler', 'step'\]"):
+        read_resume_state(ray.train.Checkpoint.from_directory(str(folder)))
 
 
 def test_a_torn_run_record_is_a_clear_error(tiny_shapes, tmp_path):

@@ -41,7 +41,7 @@ from maskray.pipeline.storage import (
 )
 from maskray.pipeline.train.export import export_model
 from maskray.pipeline.train.initial_weights import initial_state, load_initial_weights, model_config
-from maskray.pipeline.train.loop import train_worker
+from maskray.pipeline.train.loop import check_checkpoint_is_whole, train_worker
 from maskray.pipeline.train.metrics import METRICS_CSV, METRICS_PNG
 from maskray.pipeline.train.settings import (
     CHECKPOINT_FILE,
@@ -193,6 +193,9 @@ def train(settings: TrainSettings, address: str | None = None, log=print) -> dic
             raise TrainingError(f"{public_url(settings.output)} already holds a training run: pass --resume to "
                                 "continue it, or choose another --output")
         latest = recorded_checkpoint(settings.output, options)
+        if latest:
+            check_checkpoint_is_whole(fs, join(out_root, RUN_NAME, latest, CHECKPOINT_FILE),
+                                      public_url(join(settings.output.rstrip("/"), RUN_NAME, latest, CHECKPOINT_FILE)))
         say(f"maskray train: resuming the run in {public_url(settings.output)} from {latest or 'its start'}")
     elif settings.resume:
         say(f"maskray train: nothing to resume in {public_url(settings.output)}; starting afresh")

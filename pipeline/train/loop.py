@@ -15,6 +15,7 @@ import math
 import os
 import tempfile
 import time
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -104,6 +105,25 @@ def _evaluate_shard(model: MaskRCNN, dataset, rank: int, world: int, device: tor
 RESUME_KEYS = ("config", "optimizer", "scheduler", "epoch", "step")
 
 
+def _cannot_resume(where: str, reason: object) -> TrainingError:
+    return TrainingError(f"cannot resume from the checkpoint {where}: {reason}. Start a new run (another "
+                         f"--output) with --init set to an earlier epoch's {CHECKPOINT_FILE}")
+
+
+def check_checkpoint_is_whole(fs, path: str, where: str) -> None:
+    """Fails fast, in the driver before any worker starts, on a checkpoint file cut short: a
+    torch.save file is a zip archive, and one cut short has no central directory. Reading that
+    directory takes a few small reads at the end of the file, not a download of it; damage
+    further in is left to ``read_resume_state`` on the workers."""
+    try:
+        with fs.open(path, "rb") as file, zipfile.ZipFile(file):
+            pass
+    except (zipfile.BadZipFile, EOFError) as error:
+        raise _cannot_resume(where, f"the file is cut short or damaged ({error})") from None
+    except FileNotFoundError:
+        raise _cannot_resume(where, "the file is missing") from None
+
+
 def read_resume_state(checkpoint) -> dict[str, Any]:
     """The training state in the Ray Train checkpoint a run resumes from.
 
@@ -115,12 +135,10 @@ def read_resume_state(checkpoint) -> dict[str, Any]:
         try:
             state = safe_load(os.path.join(folder, CHECKPOINT_FILE))
         except (ValueError, FileNotFoundError) as error:
-            raise TrainingError(f"cannot resume from the checkpoint {where}: {error}. Start a new run (another "
-                                f"--output) with --init set to an earlier epoch's {CHECKPOINT_FILE}") from None
+            raise _cannot_resume(where, error) from None
     missing = [k for k in RESUME_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
-        raise TrainingError(f"cannot resume from the checkpoint {where}: it lacks {missing} "
-                            "(not a training checkpoint)")
+        raise _cannot_resume(where, f"it lacks {missing} (not a training checkpoint)")
     return state
 
 
