@@ -56,12 +56,16 @@ def user_environment(home: Path, **extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
+def make_fresh_folder(base: Path) -> Path:
+    """``base``/work, where a block runs, beside ``base``/home, its user's HOME."""
+    (base / "home").mkdir()
+    (base / "work").mkdir()
+    return base / "work"
+
+
 @pytest.fixture
 def fresh_folder(tmp_path) -> Path:
-    folder = tmp_path / "work"
-    folder.mkdir()
-    (tmp_path / "home").mkdir()
-    return folder
+    return make_fresh_folder(tmp_path)
 
 
 @pytest.mark.slow
@@ -121,38 +125,45 @@ def test_the_bucket_block_as_written(fresh_folder, s3_server, seeded_torch_home)
     assert options["secret"] not in said
 
 
+@pytest.fixture(scope="module")
+def after_make_demo(tmp_path_factory) -> tuple[Path, dict[str, str], str]:
+    """A fresh folder after ``maskray demo`` (which ``make demo`` runs), its user's environment
+    and what the demo said: one demo for the tests below, which only read its output."""
+    folder = make_fresh_folder(tmp_path_factory.mktemp("demo"))
+    env = user_environment(folder.parent / "home")
+    return folder, env, run_block("maskray demo --images 12", folder, env, timeout=900)
+
+
 @pytest.mark.slow
-def test_the_demo_and_its_same_as_line(fresh_folder):
+def test_the_demo_and_its_same_as_line(after_make_demo):
     """``make demo`` is ``maskray demo``: it runs from a fresh folder, and the command it says it
     ran is true as printed: run again, it finds its job done."""
-    env = user_environment(fresh_folder.parent / "home")
-    said = run_block("maskray demo --images 12", fresh_folder, env, timeout=900)
-    assert "12 images (0 errors)" in said and (fresh_folder / "maskray-demo" / "overlay.png").is_file()
+    folder, env, said = after_make_demo
+    assert "12 images (0 errors)" in said and (folder / "maskray-demo" / "overlay.png").is_file()
     [same_as] = re.findall(r"\(the same as: (maskray segment .*)\)", said)
-    again = run_block(same_as, fresh_folder, env, timeout=600)
+    again = run_block(same_as, folder, env, timeout=600)
     assert "nothing to do: all 2 shards were already done" in again, again
 
 
 @pytest.mark.slow
-def test_the_ways_out_of_an_output_as_written(fresh_folder):
+def test_the_ways_out_of_an_output_as_written(after_make_demo):
     """After the demo, the export block and the masks-as-arrays snippet of "Taking results elsewhere",
     run as written from the same folder; pycocotools reads the files back."""
     from pycocotools.coco import COCO
 
-    env = user_environment(fresh_folder.parent / "home")
-    run_block("maskray demo --images 4", fresh_folder, env, timeout=900)
-    said = run_block(readme_block("Taking results elsewhere"), fresh_folder, env, timeout=300)
-    coco = COCO(str(fresh_folder / "coco.json"))
-    instances = connect(str(fresh_folder / "maskray-demo" / "output")).sql("SELECT count(*) FROM instances").fetchall()[0][0]
+    folder, env, _ = after_make_demo
+    said = run_block(readme_block("Taking results elsewhere"), folder, env, timeout=300)
+    coco = COCO(str(folder / "coco.json"))
+    instances = connect(str(folder / "maskray-demo" / "output")).sql("SELECT count(*) FROM instances").fetchall()[0][0]
     assert len(coco.getAnnIds()) == instances > 0 and f"{instances} annotations" in said
-    results = json.loads((fresh_folder / "results.json").read_text())
+    results = json.loads((folder / "results.json").read_text())
     assert results and all(r["score"] >= 0.5 for r in results) and coco.loadRes(results).getAnnIds()
 
     section = README.read_text().split("\n## Taking results elsewhere\n")[1]
     [snippet] = [s for s in re.findall(r"```python\n(.*?)```", section, re.DOTALL) if "open_output" in s]
     snippet = "\n".join(line.strip() for line in snippet.splitlines())  # the snippet is indented in its list item
     check = snippet + "\nassert found.masks.shape == (len(found), found.height, found.width) and found.masks.any()\n"
-    done = subprocess.run([sys.executable, "-c", check], cwd=fresh_folder, env=env, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", check], cwd=folder, env=env, capture_output=True, text=True,
                           timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
 
