@@ -224,13 +224,17 @@ def test_a_checkpoint_damaged_past_the_drivers_check_stops_the_worker_with_its_n
     """A whole zip that is no training checkpoint passes the driver's quick look at the file's end;
     the worker, which loads it, names it (here on Ray Train's own Checkpoint, without a trainer)."""
     import ray.train
+    from fsspec.implementations.local import LocalFileSystem
 
-    from maskray.pipeline.train.loop import read_resume_state
+    from maskray.pipeline.train.loop import check_checkpoint_is_whole, read_resume_state
 
     folder = tmp_path / "epoch-0003"
     folder.mkdir()
+    with pytest.raises(TrainingError, match="cannot resume from the checkpoint here: the file is missing"):
+        check_checkpoint_is_whole(LocalFileSystem(), str(folder / CHECKPOINT_FILE), "here")
     with zipfile.ZipFile(folder / CHECKPOINT_FILE, "w") as archive:
         archive.writestr("notes.txt", "not a torch.save file")
+    check_checkpoint_is_whole(LocalFileSystem(), str(folder / CHECKPOINT_FILE), "here")  # the driver lets it pass
     with pytest.raises(TrainingError, match=f"cannot resume from the checkpoint .*epoch-0003/{CHECKPOINT_FILE}: .*not a "
                                             "loadable weights file"):
         read_resume_state(ray.train.Checkpoint.from_directory(str(folder)))
