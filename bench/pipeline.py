@@ -87,6 +87,11 @@ def bare_loop(weights: Path, folder: Path, batch_size: int, threads: int) -> flo
     overrides = SegmentJob(str(folder), str(folder) + "-unused", str(weights)).overrides()
     model = build_model(read_weights(str(weights)), overrides)
     images = [decode_image(p.read_bytes()) for p in sorted(folder.glob("*.jpg"))]
+    return loop_pace(model, images, batch_size)
+
+
+def loop_pace(model, images: list[torch.Tensor], batch_size: int) -> float:
+    """images/s of ``model`` over ``images`` in batches (best of two passes, after a warm-up call)."""
     model(images[:batch_size])  # warm-up: oneDNN primitives, allocator
     best = 0.0
     for _ in range(2):
@@ -99,10 +104,15 @@ def bare_loop(weights: Path, folder: Path, batch_size: int, threads: int) -> flo
 
 def loop_in_child(weights: Path, folder: Path, batch_size: int, threads: int) -> float:
     """bare_loop in a child process at the niceness Ray gives its workers (the actor's)."""
+    return figure_of_child([__file__, "--loop-child", json.dumps([str(weights), str(folder), batch_size, threads])])
+
+
+def figure_of_child(arguments: list[str]) -> float:
+    """The number a child Python process (``arguments``) prints last, run at the niceness Ray
+    gives its workers (the actor's), so that a shared machine's load hits it as it hits the actor."""
     import subprocess
 
-    command = [sys.executable, __file__, "--loop-child", json.dumps([str(weights), str(folder), batch_size, threads])]
-    output = subprocess.run(command, check=True, capture_output=True, text=True,
+    output = subprocess.run([sys.executable, *arguments], check=True, capture_output=True, text=True,
                             preexec_fn=lambda: os.nice(RAY_WORKER_NICENESS)).stdout
     return float(output.strip().splitlines()[-1])
 

@@ -113,7 +113,7 @@ class Segmenter:
         size = self._worker.options.batch_size
         for start in range(0, len(good), size):
             chunk = good[start:start + size]
-            for item, result in zip(chunk, self._worker._detect(chunk)):
+            for item, result in zip(chunk, self._worker.detect(chunk)):
                 if isinstance(result, str):
                     errors.append((item.uri, item.image_id, result))
                 else:

@@ -3,10 +3,11 @@
 ``ShardWorker`` is plain Python (the benchmark and tests use it without Ray); the Ray actor in
 ``maskray.pipeline.segment.actors`` holds one and calls ``process`` for two shards at once, so
 that one shard's reads start, and its first batch is made ready, while the shard before it is
-still in the model, and its commit is written while the next one is. The model itself runs on
-one thread of the worker's (``maskray-infer``), a shard's batches at a time, in the order the
-shards came: whichever thread calls ``process``, inference never hops between threads (each
-would bring OpenMP threads of its own to the same cores). Two stages run ahead of the model call:
+still in the model, and its commit is written while the next one is. The model itself is built
+and runs on one thread of the worker's (``maskray-infer``), a shard's batches at a time, in the
+order the shards came: whichever thread calls ``process`` or ``detect``, torch's work never hops
+between threads (each would bring OpenMP threads of its own to the same cores, and more of them
+than cores make them all sleep between parallel regions). Two stages run ahead of the model call:
 
 - a thread pool reads the next images (``read_threads`` in flight: object stores answer in
   tens of ms) and decodes what is decoded on the CPU, at most ``prefetch`` images ahead of the
@@ -135,7 +136,19 @@ class ShardWorker:
         device: str | None = None,
     ):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = build_model(weights, overrides, str(self.device))
+        # One thread builds the model and runs every model call, with the torch threads its creator
+        # was given: on a CPU, no other thread may run torch's parallel regions. libgomp keeps a team
+        # of OpenMP threads for each thread that ever ran one, and once the process holds more of
+        # them than it has CPUs, its threads sleep between regions instead of spinning, so that every
+        # region waits for them to be woken: built on the actor's thread and called on this one, the
+        # model ran at 0.67 of its pace on 2 CPUs (bench/torch_threads.py, BENCHMARKS.md).
+        self._inference = ThreadPoolExecutor(1, thread_name_prefix="maskray-infer",
+                                             initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),))
+        try:
+            self.model = self._inference.submit(build_model, weights, overrides, str(self.device)).result()
+        except BaseException:
+            self._inference.shutdown(wait=False)
+            raise
         self.class_names = self.model.class_names
         self.options = options
         self.batch_size = options.batch_size or choose_batch_size(self.device, _input_pixels(self.model))
@@ -154,9 +167,6 @@ class ShardWorker:
         self._decode_turns = _InOrder() if self.device.type == "cpu" else None
         self._readers = ThreadPoolExecutor(options.read_threads, thread_name_prefix="maskray-read",
                                            initializer=_lower_priority, initargs=(niceness,))
-        # One thread runs every model call, with the torch threads its creator was given.
-        self._inference = ThreadPoolExecutor(1, thread_name_prefix="maskray-infer",
-                                             initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),))
         self._shard_turns = _Turnstile()  # whose batches the model runs: the shards' in the order they came
         if self.device.type == "cuda":
             self._inference.submit(self._warm_up).result()  # on the thread that keeps its cuBLAS handles
@@ -271,8 +281,13 @@ class ShardWorker:
 
     # inference -------------------------------------------------------------------------
 
+    def detect(self, batch: list[LoadedImage]) -> list[dict | str]:
+        """Per image its detections, or an error message if the model failed on it; on the
+        inference thread, whichever thread asks (see ``__init__``)."""
+        return self._inference.submit(self._detect, batch).result()
+
     def _detect(self, batch: list[LoadedImage]) -> list[dict | str]:
-        """Per image its detections, or an error message if the model failed on it."""
+        """``detect``, on the inference thread: a batch that fails is split and retried."""
         try:
             return self.model([item.image.to(self.device, non_blocking=True) for item in batch])  # a no-op once prepared
         except torch.OutOfMemoryError as error:
@@ -311,7 +326,7 @@ class ShardWorker:
                         current = torch.cuda.current_stream(self.device)
                         for item in step:
                             item.image.record_stream(current)
-                    for item, result in zip(step, self._inference.submit(self._detect, step).result()):
+                    for item, result in zip(step, self.detect(step)):
                         if isinstance(result, str):
                             images.add_error(item, result)
                         else:
