@@ -20,6 +20,7 @@ of 10·N images; bounded memory means the 10·N peaks are within 1.2x of the N p
     python bench/pipeline.py                    # 256 images of 480x320, the demo model, 2 threads, 3 rounds
     python bench/pipeline.py --images 128 --rounds 2 --no-memory
     python bench/pipeline.py --weights model/weights/shapes_light.pt
+    python bench/pipeline.py --actors 2 --threads 1 --no-memory   # two 1-thread actors against two 1-thread loops at once
 """
 
 from __future__ import annotations
@@ -102,19 +103,34 @@ def loop_pace(model, images: list[torch.Tensor], batch_size: int) -> float:
     return best
 
 
-def loop_in_child(weights: Path, folder: Path, batch_size: int, threads: int) -> float:
-    """bare_loop in a child process at the niceness Ray gives its workers (the actor's)."""
-    return figure_of_child([__file__, "--loop-child", json.dumps([str(weights), str(folder), batch_size, threads])])
+def loop_in_child(weights: Path, folder: Path, batch_size: int, threads: int, copies: int = 1) -> float:
+    """bare_loop in a child process at the niceness Ray gives its workers (the actor's); with
+    ``copies``, that many children at once (as many as the job has actors), their images/s summed."""
+    arguments = [__file__, "--loop-child", json.dumps([str(weights), str(folder), batch_size, threads])]
+    return sum(figures_of_children([arguments] * copies))
 
 
 def figure_of_child(arguments: list[str]) -> float:
-    """The number a child Python process (``arguments``) prints last, run at the niceness Ray
-    gives its workers (the actor's), so that a shared machine's load hits it as it hits the actor."""
+    """The number a child Python process (``arguments``) prints last (figures_of_children)."""
+    return figures_of_children([arguments])[0]
+
+
+def figures_of_children(argument_lists: list[list[str]]) -> list[float]:
+    """The number each child Python process prints last, the children run at once and at the
+    niceness Ray gives its workers (the actor's), so that a shared machine's load hits them as it
+    hits the actors."""
     import subprocess
 
-    output = subprocess.run([sys.executable, *arguments], check=True, capture_output=True, text=True,
-                            preexec_fn=lambda: os.nice(RAY_WORKER_NICENESS)).stdout
-    return float(output.strip().splitlines()[-1])
+    nice = ["nice", "-n", str(RAY_WORKER_NICENESS)]  # not preexec_fn: Ray's threads already run in this process
+    children = [subprocess.Popen([*nice, sys.executable, *arguments], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True) for arguments in argument_lists]
+    figures = []
+    for child, arguments in zip(children, argument_lists):
+        output, errors = child.communicate()
+        if child.returncode != 0:
+            raise RuntimeError(f"{' '.join(arguments)} failed ({child.returncode}): {errors[-2000:]}")
+        figures.append(float(output.strip().splitlines()[-1]))
+    return figures
 
 
 def rss_bytes(pid: int | str) -> int:
@@ -170,12 +186,12 @@ class PeakSampler:
 
 
 def pipeline_run(weights: Path, folder: Path, output: Path, batch_size: int, threads: int, shard_size: int,
-                 sample_memory: bool = True):
-    """The job on one actor; with ``sample_memory``, the peak RSS of driver and actor too (the
+                 sample_memory: bool = True, actors: int = 1):
+    """The job on ``actors`` actors of ``threads`` CPUs each; with ``sample_memory``, the peak RSS of driver and actor too (the
     throughput runs go without: the sampler's scans of /proc take CPU from the job it measures)."""
     shutil.rmtree(output, ignore_errors=True)
     job = SegmentJob(str(folder), str(output), str(weights), batch_size=batch_size, shard_size=shard_size,
-                     num_actors=1, cpus_per_actor=threads, progress=False)
+                     num_actors=actors, cpus_per_actor=threads, progress=False)
     peaks = PeakSampler()
     with peaks if sample_memory else contextlib.nullcontext():
         summary = run_segment(job)
@@ -221,7 +237,9 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=480)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--shard-size", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the loop, CPUs of each actor")
+    parser.add_argument("--actors", type=int, default=1,
+                        help="actors of the job; the bare loop then runs as many copies at once, their images/s summed")
     parser.add_argument("--weights", type=Path, default=None, help="default: the demo model, else an untrained light model")
     parser.add_argument("--rounds", type=int, default=3, help="pipeline runs, each between two loop runs")
     parser.add_argument("--no-memory", action="store_true", help="skip the N vs 10·N memory runs")
@@ -244,18 +262,18 @@ def main() -> None:
         small = work / "small"
         write_images(small, args.images, args.height, args.width)
         print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-              f"{args.threads} threads, weights {weights.name}, {args.images} images of {args.width}x{args.height}, "
+              f"{args.actors} x {args.threads} threads, weights {weights.name}, {args.images} images of {args.width}x{args.height}, "
               f"batch {args.batch_size}, shards of {args.shard_size}")
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=args.threads,
-                 logging_level="WARNING", log_to_driver=False)
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
+                 num_cpus=args.threads * args.actors, logging_level="WARNING", log_to_driver=False)
         # Alternate: loop, pipeline, loop, pipeline, ..., loop; each pipeline run against the mean of its two loops.
-        loops = [loop_in_child(weights, small, args.batch_size, args.threads)]
+        loops = [loop_in_child(weights, small, args.batch_size, args.threads, args.actors)]
         print(f"bare loop (decoded tensors -> model), at Ray's worker niceness: {loops[0]:.2f} images/s", flush=True)
         rounds = []
         for n in range(args.rounds):
             summary, _ = pipeline_run(weights, small, work / f"out-{n}", args.batch_size, args.threads, args.shard_size,
-                                      sample_memory=False)
-            loops.append(loop_in_child(weights, small, args.batch_size, args.threads))
+                                      sample_memory=False, actors=args.actors)
+            loops.append(loop_in_child(weights, small, args.batch_size, args.threads, args.actors))
             steady = summary.images_run / summary.processing_seconds
             loop = (loops[-2] + loops[-1]) / 2
             rounds.append((steady, loop, summary))

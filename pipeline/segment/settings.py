@@ -38,7 +38,8 @@ class SegmentJob:
     num_actors: int | None = field(default=None, metadata={
         "help": "model actors (default: one per GPU, else as many as the CPUs allow)"})
     cpus_per_actor: int | None = field(default=None, metadata={
-        "help": "CPUs (torch threads) per actor without GPUs (default 2, capped at the largest node)"})
+        "help": "CPUs (torch threads) per actor without GPUs (default 2, capped at the largest node; "
+                "1 gives more images/s where memory allows a model per CPU, see BENCHMARKS.md)"})
     score_threshold: float | None = field(default=None, metadata={
         "help": "keep detections scoring at least this (default: the model's box_score_thresh)"})
     max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={
