@@ -187,8 +187,9 @@ class PeakSampler:
 
 def pipeline_run(weights: Path, folder: Path, output: Path, batch_size: int, threads: int, shard_size: int,
                  sample_memory: bool = True, actors: int = 1):
-    """The job on ``actors`` actors of ``threads`` CPUs each; with ``sample_memory``, the peak RSS of driver and actor too (the
-    throughput runs go without: the sampler's scans of /proc take CPU from the job it measures)."""
+    """The job on ``actors`` actors of ``threads`` CPUs each; with ``sample_memory``, the peak RSS
+    of driver and actors too (the throughput runs go without: the sampler's scans of /proc take
+    CPU from the job it measures)."""
     shutil.rmtree(output, ignore_errors=True)
     job = SegmentJob(str(folder), str(output), str(weights), batch_size=batch_size, shard_size=shard_size,
                      num_actors=actors, cpus_per_actor=threads, progress=False)

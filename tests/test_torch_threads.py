@@ -2,7 +2,7 @@
 the model is built there and called there, by the job's actor (``process``) and by the Ray Data
 ``Segmenter`` alike. libgomp keeps a team of OpenMP threads for each thread that ever ran a
 parallel region, and more team threads than CPUs make them all sleep between regions: a model
-built on one thread and called on another ran at 0.67 of its pace on 2 CPUs
+built on one thread and called on another ran at 0.59 to 0.65 of its pace on 2 CPUs
 (bench/torch_threads.py, BENCHMARKS.md)."""
 
 import threading

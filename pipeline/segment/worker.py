@@ -141,7 +141,7 @@ class ShardWorker:
         # of OpenMP threads for each thread that ever ran one, and once the process holds more of
         # them than it has CPUs, its threads sleep between regions instead of spinning, so that every
         # region waits for them to be woken: built on the actor's thread and called on this one, the
-        # model ran at 0.67 of its pace on 2 CPUs (bench/torch_threads.py, BENCHMARKS.md).
+        # model ran at 0.59 to 0.65 of its pace on 2 CPUs (bench/torch_threads.py, BENCHMARKS.md).
         self._inference = ThreadPoolExecutor(1, thread_name_prefix="maskray-infer",
                                              initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),))
         try:
