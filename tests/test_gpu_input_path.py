@@ -30,14 +30,19 @@ pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding 
 FITS = 2  # the largest batch the injected "device" holds
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> Weights:
+def light_weights(folder) -> Weights:
+    """An untrained light model of small inputs, saved in ``folder`` and read back."""
     torch.manual_seed(0)
     config = MaskRCNNConfig.light(num_classes=3, class_names=("__background__", "a", "b"), min_size=(96,), max_size=128, box_detections_per_img=5)
-    path = tmp_path_factory.mktemp("weights") / "light.pt"
+    path = folder / "light.pt"
     MaskRCNN(config).save(path)
     data = path.read_bytes()
     return Weights("w", hashlib.sha256(data).hexdigest(), data)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Weights:
+    return light_weights(tmp_path_factory.mktemp("weights"))
 
 
 def _png(seed: int) -> bytes:

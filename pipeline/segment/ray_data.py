@@ -81,7 +81,6 @@ class Segmenter:
         return path if "://" in path else f"{self.path_protocol}://{path}"
 
     def _loaded(self, batch: Mapping[str, Any]) -> list:
-        from maskray.pipeline.decode import ImageDecodeError, decode_image
         from maskray.pipeline.segment.worker import LoadedImage
 
         if "image_uri" in batch:
@@ -93,13 +92,8 @@ class Segmenter:
         ids = [int(i) for i in batch["image_id"]] if "image_id" in batch else [stable_image_id(u) for u in uris]
         if "bytes" not in batch:
             return [self._worker.load(uri, image_id) for uri, image_id in zip(uris, ids)]
-        loaded = []
-        for uri, image_id, data in zip(uris, ids, batch["bytes"]):
-            try:
-                loaded.append(LoadedImage(uri, image_id, image=decode_image(bytes(data), self._worker.options.max_pixels)))
-            except ImageDecodeError as error:
-                loaded.append(LoadedImage(uri, image_id, error=str(error)))
-        return loaded
+        # Decoded by the worker's model call, as the job's are on a CPU (ShardWorker.detect).
+        return [LoadedImage(uri, image_id, data=bytes(data)) for uri, image_id, data in zip(uris, ids, batch["bytes"])]
 
     def __call__(self, batch: Mapping[str, Any]) -> pa.Table:
         from maskray.pipeline.segment.output import IMAGES_SCHEMA

@@ -10,16 +10,19 @@ between threads (each would bring OpenMP threads of its own to the same cores, a
 than cores make them all sleep between parallel regions). Two stages run ahead of the model call:
 
 - a thread pool reads the next images (``read_threads`` in flight: object stores answer in
-  tens of ms) and decodes what is decoded on the CPU, at most ``prefetch`` images ahead of the
-  model, so memory stays bounded whatever the shard size: on a CPU device its JPEGs with
-  torchvision's libjpeg-turbo (Pillow's pixels, in less time) and everything else with Pillow,
-  at a lower priority than inference (``read_niceness``), so that decoding takes the cores
-  between the model's parallel regions rather than from its threads;
+  tens of ms), at most ``prefetch`` images ahead of the model, so memory stays bounded whatever
+  the shard size; on a GPU it decodes there what the device does not (Pillow's files);
 - one preparing thread gathers those into the model's batches and makes batch n+1 ready on the
   device while the model runs batch n: on a GPU its JPEGs are decoded there by nvJPEG, one call
   a batch (``maskray.pipeline.gpu_decode``; Pillow keeps the other formats, EXIF rotation and
   whatever nvJPEG refuses), and Pillow's images are copied from pinned memory on a stream of
   its own, without blocking the model's.
+
+On a CPU the files stay bytes until their batch's model call, and the inference thread decodes
+them just before it (``host_decoding``): its JPEGs with torchvision's libjpeg-turbo (Pillow's
+pixels, in less time), everything else with Pillow. Decoding beside the model would take a CPU
+from one of its OpenMP threads, and every parallel region it overlaps waits for that thread.
+The thread that calls ``process`` hands batch n+1 to the model before it writes batch n's rows.
 
 Every image of the shard ends up as one row of ``images``: ``ok`` with its size and instance
 count, or ``error`` with what is wrong with it (gone, not an image, too large, the model
@@ -99,8 +102,13 @@ class WorkerOptions:
     # "libjpeg": torchvision's libjpeg-turbo in the read threads, Pillow's pixels exactly at 0.6 of
     # its time; "pillow"; None: "device" on a GPU, "libjpeg" on a CPU.
     jpeg_decoder: str | None = None
-    # Niceness added to the read threads on a CPU device, so that their decoding takes the
-    # cores when inference leaves them (between its parallel regions), not from its threads.
+    # Which thread decodes what is decoded on the host (Pillow's files, and on a CPU the JPEGs):
+    # "inference": the inference thread, each batch just before its model call, so that decoding
+    # never runs beside the model's OpenMP threads and stalls them; "read": the read threads, as
+    # they read; None: "inference" on a CPU, "read" on a GPU (whose model does not wait on the CPU).
+    host_decoding: str | None = None
+    # Niceness added to the read threads when they decode on a CPU device, so that their decoding
+    # takes the cores when inference leaves them (between its parallel regions), not from its threads.
     read_niceness: int = 10
 
     def __post_init__(self) -> None:
@@ -109,6 +117,8 @@ class WorkerOptions:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.jpeg_decoder not in (None, "device", "libjpeg", "pillow"):
             raise ValueError(f"jpeg_decoder must be 'device', 'libjpeg', 'pillow' or None, got {self.jpeg_decoder!r}")
+        if self.host_decoding not in (None, "inference", "read"):
+            raise ValueError(f"host_decoding must be 'inference', 'read' or None, got {self.host_decoding!r}")
         if not 0 <= self.read_niceness <= 19:
             raise ValueError(f"read_niceness must be in [0, 19], got {self.read_niceness}")
 
@@ -119,7 +129,7 @@ class LoadedImage:
     image_id: int
     image: torch.Tensor | None = None  # uint8 [3, H, W]
     error: str | None = None
-    data: bytes | None = None  # a JPEG's bytes, left for the device to decode with its batch
+    data: bytes | None = None  # the file's bytes, left for its batch's decoding (on the device, or before its model call)
 
 
 class ShardWorker:
@@ -159,12 +169,14 @@ class ShardWorker:
         self.jpeg_decoder = options.jpeg_decoder or ("device" if self.device.type == "cuda" else "libjpeg")
         # Batch n+1's copies and decoding run on a stream of their own, beside batch n's model call.
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        niceness = options.read_niceness if self.device.type == "cpu" else 0
-        # On a CPU, one image decodes at a time, the shard's earliest first, however many reads
-        # are in flight: eight niced decoding threads together outweigh the model's threads in the
-        # kernel's scheduler, and an OpenMP region waits for its slowest thread. One keeps ahead of
-        # the model easily (a few ms an image against tens for the model).
-        self._decode_turns = _InOrder() if self.device.type == "cpu" else None
+        self.host_decoding = options.host_decoding or ("inference" if self.device.type == "cpu" else "read")
+        decoding_beside_model = self.device.type == "cpu" and self.host_decoding == "read"
+        niceness = options.read_niceness if decoding_beside_model else 0
+        # Read threads that decode beside a CPU model do it one image at a time, the shard's earliest
+        # first, however many reads are in flight: eight niced decoding threads together outweigh the
+        # model's threads in the kernel's scheduler, and an OpenMP region waits for its slowest thread.
+        # One keeps ahead of the model easily (a few ms an image against tens for the model).
+        self._decode_turns = _InOrder() if decoding_beside_model else None
         self._readers = ThreadPoolExecutor(options.read_threads, thread_name_prefix="maskray-read",
                                            initializer=_lower_priority, initargs=(niceness,))
         self._shard_turns = _Turnstile()  # whose batches the model runs: the shards' in the order they came
@@ -190,8 +202,8 @@ class ShardWorker:
         raised as ShardReadError, as is one that cannot pass but is not the image's (refused
         credentials), so that the shard is retried or rerun rather than committed with images it never read.
         With ``defer_jpeg``, a JPEG that the device decodes (maskray.pipeline.gpu_decode) is left as its
-        bytes; ``order`` is its place in the queue for the CPU's decoding (the lowest goes first)."""
-        defer_jpeg = defer_jpeg and self.jpeg_decoder == "device"
+        bytes, as is every file that the inference thread decodes (``host_decoding``); ``order`` is its
+        place in the queue for the read threads' decoding on a CPU (the lowest goes first)."""
         try:
             fs, path = self._filesystem(uri)
             data = read_bytes(fs, path, uri)
@@ -201,8 +213,8 @@ class ShardWorker:
             raise ShardReadError(redact(str(error), self.secrets)) from None
         except Exception as error:  # noqa: BLE001 - no filesystem for the URL (an unknown protocol, a package missing)
             raise ShardReadError(redact(f"cannot read {describe_storage_error(uri, error)}", self.secrets)) from None
-        if defer_jpeg and gpu_decode.device_decodable(data, self.options.max_pixels):
-            return LoadedImage(uri, image_id, data=data)  # decoded on the device with its batch
+        if (defer_jpeg and self._device_decodes(data)) or self.host_decoding == "inference":
+            return LoadedImage(uri, image_id, data=data)  # decoded with its batch
         with self._decode_turns.turn(order) if self._decode_turns is not None else contextlib.nullcontext():
             image = self._decode_on_host(data)
         if isinstance(image, ImageDecodeError):
@@ -210,6 +222,9 @@ class ShardWorker:
         if self.device.type == "cuda":
             image = image.pin_memory()  # so that the copy to the GPU does not block
         return LoadedImage(uri, image_id, image=image)
+
+    def _device_decodes(self, data: bytes) -> bool:
+        return self.jpeg_decoder == "device" and gpu_decode.device_decodable(data, self.options.max_pixels)
 
     def _decode_on_host(self, data: bytes) -> torch.Tensor | ImageDecodeError:
         if self.jpeg_decoder != "pillow" and gpu_decode.device_decodable(data, self.options.max_pixels):
@@ -253,11 +268,12 @@ class ShardWorker:
             yield from self._on_device(batch)
 
     def _on_device(self, batch: list[LoadedImage]) -> Iterator[LoadedImage | list[LoadedImage]]:
-        """``batch`` with its JPEGs decoded and every image on the model's device; a file that
-        no decoder takes is yielded first, as its error row."""
+        """``batch`` with the JPEGs that the device decodes decoded and every decoded image on the
+        model's device; a file that no decoder takes is yielded first, as its error row. Files the
+        inference thread decodes stay bytes."""
         stream = self._copy_stream
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            pending = [item for item in batch if item.data is not None]
+            pending = [item for item in batch if item.data is not None and self._device_decodes(item.data)]
             for item, image in zip(pending, gpu_decode.decode_batch([item.data for item in pending], self.device,
                                                                     self.options.max_pixels)):
                 item.data = None
@@ -282,9 +298,27 @@ class ShardWorker:
     # inference -------------------------------------------------------------------------
 
     def detect(self, batch: list[LoadedImage]) -> list[dict | str]:
-        """Per image its detections, or an error message if the model failed on it; on the
-        inference thread, whichever thread asks (see ``__init__``)."""
-        return self._inference.submit(self._detect, batch).result()
+        """Per image its detections, or an error message if it could not be decoded or the model
+        failed on it; on the inference thread, whichever thread asks (see ``__init__``)."""
+        return self.submit(batch).result()
+
+    def submit(self, batch: list[LoadedImage]) -> Future:
+        """``detect``, to be waited for: its Future."""
+        return self._inference.submit(self._decode_and_detect, batch)
+
+    def _decode_and_detect(self, batch: list[LoadedImage]) -> list[dict | str]:
+        """``detect``, on the inference thread: the images still held as bytes are decoded first
+        (``host_decoding``), one after the other while the model waits, rather than beside it."""
+        waiting = [item for item in batch if item.data is not None]
+        for item in waiting:
+            image, item.data = self._decode_on_host(item.data), None
+            if isinstance(image, ImageDecodeError):
+                item.error = str(image)  # the same error row as when the read threads decode
+            else:
+                item.image = image
+        decoded = [item for item in batch if item.error is None]
+        found = iter(self._detect(decoded) if decoded else [])
+        return [item.error if item.error is not None else next(found) for item in batch]
 
     def _detect(self, batch: list[LoadedImage]) -> list[dict | str]:
         """``detect``, on the inference thread: a batch that fails is split and retried."""
@@ -317,21 +351,30 @@ class ShardWorker:
             with contextlib.closing(_Ahead(self._steps(shard, ticket), depth=1)) as steps, \
                     self._shard_turns.turn(ticket):
                 start = time.perf_counter()  # the shard's own time, from its turn at the model
+                # A batch goes to the model before this thread writes the rows of the batch before
+                # it, so that the model never waits for them (the rows stay in the shard's order).
+                in_model: tuple[list[LoadedImage], Future] | None = None
                 for step in steps:
                     if isinstance(step, LoadedImage):  # could not be read or decoded: its error row
+                        if in_model:
+                            done += self._add_results(images, instances, *in_model)
+                            in_model = None
                         images.add_error(step, step.error)
                         done += 1
                         continue
                     if self._copy_stream is not None:  # made on the copy stream, used (and freed) on the model's
                         current = torch.cuda.current_stream(self.device)
                         for item in step:
-                            item.image.record_stream(current)
-                    for item, result in zip(step, self.detect(step)):
-                        if isinstance(result, str):
-                            images.add_error(item, result)
-                        else:
-                            self._add_detections(images, instances, item, result)
-                    done += len(step)
+                            if item.image is not None:  # not yet decoded: the inference thread does it on the host
+                                item.image.record_stream(current)
+                    submitted = (step, self.submit(step))
+                    if in_model:
+                        done += self._add_results(images, instances, *in_model)
+                        if on_progress:
+                            on_progress(done)
+                    in_model = submitted
+                if in_model:
+                    done += self._add_results(images, instances, *in_model)
                     if on_progress:
                         on_progress(done)
         finally:
@@ -351,6 +394,15 @@ class ShardWorker:
         except StorageError as error:  # its text quotes the storage's answer: no credential may ride along
             raise type(error)(redact(str(error), self.secrets)) from None
         return summary
+
+    def _add_results(self, images: "_Rows", instances: "_Rows", batch: list[LoadedImage], results: Future) -> int:
+        """The rows of ``batch`` from its model call's ``results``; returns how many images."""
+        for item, result in zip(batch, results.result()):
+            if isinstance(result, str):
+                images.add_error(item, result)
+            else:
+                self._add_detections(images, instances, item, result)
+        return len(batch)
 
     def _add_detections(self, images: "_Rows", instances: "_Rows", item: LoadedImage, result: dict) -> None:
         height, width = item.image.shape[-2:]
