@@ -45,7 +45,7 @@ class SegmentJob:
     max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={
         "help": f"refuse images larger than this many pixels, against decompression bombs (default {DEFAULT_MAX_PIXELS:,})"})
     read_threads: int = field(default=8, metadata={
-        "help": "images each actor reads and decodes at once (default %(default)s)"})
+        "help": "images each actor reads at once (default %(default)s)"})
     address: str | None = field(default=None, metadata={
         "help": "Ray cluster to join (default: RAY_ADDRESS, else a local cluster)"})
     progress: bool = field(default=True, metadata={"help": "no progress bar"})
