@@ -294,7 +294,7 @@ def test_worker_decoding_on_the_device_gives_the_rows_of_pillows_path(weights, t
     assert sum(on_device) == 7  # 0, 4, 5, 7, 8, 10, 11: the rest (PNG, EXIF, cut, HTML, CMYK, missing) never reach it
     _, pillow_rows, pillow_instances = _rows(weights, tmp_path, "pillow", uris, batch_size=3, jpeg_decoder="pillow")
     _, libjpeg_rows, libjpeg_instances = _rows(weights, tmp_path, "libjpeg", uris, batch_size=3, jpeg_decoder="libjpeg")
-    # libjpeg in the read threads: Pillow's pixels, so the same rows in the same order and the same instances.
+    # libjpeg on the host: Pillow's pixels, so the same rows in the same order and the same instances.
     assert libjpeg_rows == pillow_rows and libjpeg_instances == pillow_instances
     assert summary["images"] == len(uris) and summary["errors"] == 4  # 3 (cut), 6 (HTML), 7 (no tables), missing
     # Every image once, with the status, size and error of Pillow's path. (The rows' order may

@@ -96,11 +96,11 @@ class WorkerOptions:
     batch_size: int | None = None  # None: chosen for the device (choose_batch_size)
     max_pixels: int = DEFAULT_MAX_PIXELS
     read_threads: int = 8  # object stores answer in tens of ms: several reads in flight
-    prefetch: int = 16  # decoded images held ahead of the model, at most
+    prefetch: int = 16  # images read (and on a GPU decoded) ahead of the model, at most
     # Where JPEGs are decoded (maskray.pipeline.gpu_decode; Pillow for every other file either way):
     # "device": on the model's device, a batch at a time in the preparing thread (nvJPEG on a GPU);
-    # "libjpeg": torchvision's libjpeg-turbo in the read threads, Pillow's pixels exactly at 0.6 of
-    # its time; "pillow"; None: "device" on a GPU, "libjpeg" on a CPU.
+    # "libjpeg": torchvision's libjpeg-turbo on the host (in the thread that host_decoding names),
+    # Pillow's pixels exactly at 0.6 of its time; "pillow"; None: "device" on a GPU, "libjpeg" on a CPU.
     jpeg_decoder: str | None = None
     # Which thread decodes what is decoded on the host (Pillow's files, and on a CPU the JPEGs):
     # "inference": the inference thread, each batch just before its model call, so that decoding
