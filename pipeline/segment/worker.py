@@ -353,12 +353,19 @@ class ShardWorker:
                 start = time.perf_counter()  # the shard's own time, from its turn at the model
                 # A batch goes to the model before this thread writes the rows of the batch before
                 # it, so that the model never waits for them (the rows stay in the shard's order).
-                in_model: tuple[list[LoadedImage], Future] | None = None
+                in_model: list[tuple[list[LoadedImage], Future]] = []  # at most one batch
+
+                def write_rows() -> None:
+                    nonlocal done
+                    for batch, results in in_model:
+                        done += self._add_results(images, instances, batch, results)
+                        if on_progress:
+                            on_progress(done)
+                    in_model.clear()
+
                 for step in steps:
                     if isinstance(step, LoadedImage):  # could not be read or decoded: its error row
-                        if in_model:
-                            done += self._add_results(images, instances, *in_model)
-                            in_model = None
+                        write_rows()
                         images.add_error(step, step.error)
                         done += 1
                         continue
@@ -367,16 +374,10 @@ class ShardWorker:
                         for item in step:
                             if item.image is not None:  # not yet decoded: the inference thread does it on the host
                                 item.image.record_stream(current)
-                    submitted = (step, self.submit(step))
-                    if in_model:
-                        done += self._add_results(images, instances, *in_model)
-                        if on_progress:
-                            on_progress(done)
-                    in_model = submitted
-                if in_model:
-                    done += self._add_results(images, instances, *in_model)
-                    if on_progress:
-                        on_progress(done)
+                    submitted = self.submit(step)
+                    write_rows()
+                    in_model.append((step, submitted))
+                write_rows()
         finally:
             self._shard_turns.give_back(ticket)  # the next shard's turn, however this one ended
         summary = {
